@@ -1,0 +1,1 @@
+"""Export a run: merged HF model, GGUF, Ollama Modelfile."""

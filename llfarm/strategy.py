@@ -1,0 +1,267 @@
+"""Load, resolve and validate strategies.
+
+resolve = read YAML (safe_load; line numbers from the composed node tree) → follow ``extends:`` →
+apply ``--set key.path=value`` → validate with the schema. Every problem of a file is reported at once,
+each naming the key path and line. Every resolved value remembers where it came from.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ValidationError
+
+from .errors import StrategyError, did_you_mean
+from .resources import strategies_dir
+from .schema import Strategy
+
+PATH_KEYS = ("data.train", "data.eval", "distributed.deepspeed")
+SECRET_WORDS = ("token", "secret", "password", "api_key", "apikey")
+
+
+@dataclass
+class Resolved:
+    strategy: Strategy
+    file: Path | None
+    sources: dict[str, str] = field(default_factory=dict)
+
+    def source_of(self, key: str) -> str:
+        while key:
+            if key in self.sources:
+                return self.sources[key]
+            key = key.rpartition(".")[0]
+        return "default"
+
+
+# ---------------------------------------------------------------- locating files
+
+def shipped_strategies() -> dict[str, Path]:
+    return {p.stem: p for p in sorted(strategies_dir().glob("*.yaml"))}
+
+
+def find_strategy(ref: str, *, relative_to: Path | None = None) -> Path:
+    """A strategy by path, or by shipped name (``quickstart`` → strategies/quickstart.yaml)."""
+    candidates = [Path(ref)]
+    if relative_to is not None:
+        candidates.insert(0, relative_to / ref)
+    for c in candidates:
+        if c.is_file():
+            return c.resolve()
+    shipped = shipped_strategies()
+    if ref in shipped:
+        return shipped[ref]
+    if ref.endswith((".yaml", ".yml")) or "/" in ref:
+        raise StrategyError([f"strategy file '{ref}' not found"],
+                            hint="check the path, or run `llfarm strategies list` for shipped names")
+    raise StrategyError([f"unknown strategy '{ref}'{did_you_mean(ref, shipped)}"],
+                        hint="run `llfarm strategies list` for shipped names, or pass a path")
+
+
+# ---------------------------------------------------------------- YAML with line numbers
+
+def _line_map(node: yaml.Node, prefix: str = "", out: dict[str, int] | None = None) -> dict[str, int]:
+    out = {} if out is None else out
+    if isinstance(node, yaml.MappingNode):
+        for key_node, value_node in node.value:
+            key = f"{prefix}{key_node.value}"
+            out[key] = key_node.start_mark.line + 1
+            _line_map(value_node, key + ".", out)
+    return out
+
+
+def read_yaml(path: Path) -> tuple[dict[str, Any], dict[str, int]]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise StrategyError([f"cannot read: {exc.strerror}"], where=str(path)) from None
+    try:
+        data = yaml.safe_load(text)
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else str(path)
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise StrategyError([f"malformed YAML: {problem}"], where=where,
+                            hint="check indentation and quoting on that line") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise StrategyError([f"expected a mapping of keys (name:, model:, data: ...), received a "
+                             f"{type(data).__name__}"], where=str(path),
+                            hint="a strategy is a YAML mapping; see `llfarm strategies show quickstart`")
+    return data, (_line_map(node) if node is not None else {})
+
+
+# ---------------------------------------------------------------- merging and overrides
+
+def _flatten(data: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(data, dict) and data and not prefix.startswith("backend_options."):
+        out: dict[str, Any] = {}
+        for k, v in data.items():
+            out.update(_flatten(v, f"{prefix}{k}."))
+        return out
+    return {prefix[:-1]: data}
+
+
+def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    merged = copy.deepcopy(base)
+    for k, v in over.items():
+        if isinstance(v, dict) and isinstance(merged.get(k), dict):
+            merged[k] = deep_merge(merged[k], v)
+        else:
+            merged[k] = copy.deepcopy(v)
+    return merged
+
+
+def parse_set(item: str) -> tuple[str, Any]:
+    key, sep, raw = item.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise StrategyError([f"--set expects key.path=value, received '{item}'"],
+                            hint="for example --set training.max_steps=20")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key, value
+
+
+def set_path(data: dict[str, Any], key: str, value: Any) -> None:
+    parts = key.split(".")
+    cur = data
+    for p in parts[:-1]:
+        nxt = cur.get(p)
+        if not isinstance(nxt, dict):
+            nxt = {}
+            cur[p] = nxt
+        cur = nxt
+    cur[parts[-1]] = value
+
+
+def _absolutize_paths(data: dict[str, Any], base: Path) -> None:
+    for key in PATH_KEYS:
+        section, _, leaf = key.partition(".")
+        value = (data.get(section) or {}).get(leaf) if isinstance(data.get(section), dict) else None
+        if isinstance(value, str) and value and ":" not in value.split("/")[0] and not Path(value).is_absolute():
+            if key == "distributed.deepspeed" and not value.endswith(".json"):
+                continue
+            data[section][leaf] = str((base / value).resolve())
+    model = data.get("model")
+    if isinstance(model, dict) and isinstance(model.get("path"), str):
+        p = model["path"]
+        if p.startswith((".", "/")) or (base / p).is_dir():
+            model["path"] = str((base / p).resolve()) if not Path(p).is_absolute() else p
+
+
+def _load_layers(path: Path, chain: tuple[Path, ...] = ()) -> tuple[dict[str, Any], dict[str, str]]:
+    """The merged data of a file and its `extends` ancestors, with a source for each leaf."""
+    if path in chain:
+        cycle = " → ".join(p.name for p in (*chain, path))
+        raise StrategyError([f"extends forms a cycle: {cycle}"], where=str(path))
+    data, lines = read_yaml(path)
+    _absolutize_paths(data, path.parent)
+    sources = {k: f"{path.name}:{lines.get(k, '?')}" for k in _flatten(data)}
+    parent_ref = data.get("extends")
+    if parent_ref is None:
+        return data, sources
+    if not isinstance(parent_ref, str):
+        raise StrategyError([f"extends: expected a strategy name or path, received {parent_ref!r}"],
+                            where=f"{path}:{lines.get('extends', '?')}")
+    try:
+        parent_path = find_strategy(parent_ref, relative_to=path.parent)
+    except StrategyError as exc:
+        raise StrategyError([f"extends: {exc.message}"], where=f"{path}:{lines.get('extends', '?')}",
+                            hint=exc.hint) from None
+    parent, parent_sources = _load_layers(parent_path, (*chain, path))
+    parent.pop("extends", None)
+    merged = deep_merge(parent, data)
+    all_sources = {k: f"extends {parent_ref} ({v})" for k, v in parent_sources.items()}
+    all_sources.update(sources)
+    return merged, all_sources
+
+
+# ---------------------------------------------------------------- validation
+
+def _model_at(loc: tuple[Any, ...]) -> type[BaseModel] | None:
+    model: type[BaseModel] | None = Strategy
+    for part in loc:
+        if model is None or part not in model.model_fields:
+            return None
+        ann = model.model_fields[part].annotation
+        model = ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
+    return model
+
+
+def _describe(err: dict[str, Any]) -> str:
+    loc = tuple(err["loc"])
+    key = ".".join(str(p) for p in loc)
+    kind = err["type"]
+    received = err.get("input")
+    if kind == "extra_forbidden":
+        parent = _model_at(loc[:-1])
+        hint = did_you_mean(str(loc[-1]), parent.model_fields) if parent else ""
+        return f"unknown key '{key}'{hint}"
+    if kind == "missing":
+        return f"'{key}' is required"
+    if kind == "literal_error":
+        expected = err.get("ctx", {}).get("expected", "")
+        return f"'{key}' must be {expected}, received {received!r}"
+    msg = err["msg"]
+    return f"'{key}' {msg[0].lower() + msg[1:]}, received {received!r}"
+
+
+def validate(data: dict[str, Any], *, file: Path | None = None,
+             sources: dict[str, str] | None = None) -> Strategy:
+    sources = sources or {}
+    try:
+        return Strategy.model_validate(data)
+    except ValidationError as exc:
+        problems = []
+        for err in exc.errors():
+            key = ".".join(str(p) for p in err["loc"])
+            origin = sources.get(key) or sources.get(key.rpartition(".")[0])
+            text = _describe(err)
+            problems.append(f"{text} [{origin}]" if origin and len(exc.errors()) > 1 else text)
+        first_key = ".".join(str(p) for p in exc.errors()[0]["loc"])
+        origin = sources.get(first_key) or sources.get(first_key.rpartition(".")[0])
+        where = str(file) if file else "strategy"
+        if origin and len(problems) == 1:
+            where = origin if origin.startswith("--set") else f"{file.parent / origin if file else origin}"
+        raise StrategyError(problems, where=where,
+                            hint="see `llfarm strategies show quickstart` or the README's strategy reference"
+                            ) from None
+
+
+def resolve(ref: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Resolved:
+    path = find_strategy(str(ref))
+    data, sources = _load_layers(path)
+    for item in overrides:
+        key, value = parse_set(item)
+        if key in PATH_KEYS and isinstance(value, str) and ":" not in value and not Path(value).is_absolute():
+            value = str(Path(value).resolve())
+        set_path(data, key, value)
+        for k in _flatten(value, key + ".") if isinstance(value, dict) else [key]:
+            sources[k] = f"--set {item}"
+    strategy = validate(data, file=path, sources=sources)
+    return Resolved(strategy=strategy, file=path, sources=sources)
+
+
+def redact(obj: Any) -> Any:
+    """A copy with anything that looks like a secret replaced by '***'."""
+    if isinstance(obj, dict):
+        return {k: ("***" if any(w in str(k).lower() for w in SECRET_WORDS) and v else redact(v))
+                for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [redact(v) for v in obj]
+    if isinstance(obj, str) and obj.startswith("hf_") and len(obj) > 20 and " " not in obj:
+        return "***"
+    return obj
+
+
+def dump(resolved: Resolved) -> str:
+    data = redact(resolved.strategy.model_dump(mode="json"))
+    return yaml.safe_dump(data, sort_keys=False, allow_unicode=True)
