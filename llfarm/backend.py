@@ -1,0 +1,172 @@
+"""The backend protocol and registry.
+
+A backend is a translator and a normalizer: ``check`` says whether it can run a strategy here (cheap, no
+heavy imports), ``compile`` writes the native files and returns the command (pure: testable anywhere), and
+``collect`` maps what it wrote into the normalized run directory. Process control, logs, progress, signals
+and resume live once, in the runner.
+
+Backends register as entry points in the ``llfarm.backends`` group (pyproject.toml), in order of preference
+for ``--backend auto``. Unsupported features are data (``Capabilities``), turned into one clear error.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass, field
+from importlib.metadata import entry_points
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from .errors import BackendUnavailable, UnsupportedError, did_you_mean, one_of
+from .platform import Platform
+
+if TYPE_CHECKING:
+    from .data import PreparedData
+    from .rundir import RunDir
+    from .schema import Strategy
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    stages: frozenset[str]
+    methods: frozenset[str]
+    quantization: frozenset[str]          # none | 4bit | 8bit
+    platforms: frozenset[str]             # cpu | cuda | mps
+    launchers: frozenset[str] = frozenset({"none"})
+    # Why something is missing, keyed like "stage:rm" or "platform:cpu": shown to the user verbatim.
+    reasons: dict[str, str] = field(default_factory=dict)
+
+    def table(self) -> dict[str, list[str]]:
+        return {"stages": sorted(self.stages), "methods": sorted(self.methods),
+                "quantization": sorted(self.quantization), "platforms": sorted(self.platforms),
+                "launchers": sorted(self.launchers)}
+
+
+@dataclass
+class CompileContext:
+    """Everything a backend needs to compile a strategy for one run."""
+    strategy: Strategy
+    run: RunDir
+    platform: Platform
+    model_path: str                 # absolute local directory or a hub id
+    data: PreparedData              # normalized data files written by the core
+    precision: str                  # fp32 | bf16 | fp16 (auto already resolved)
+    resume_from: Path | None = None  # a checkpoint directory to resume from
+
+
+@dataclass
+class NativePlan:
+    argv: list[str]
+    env: dict[str, str]
+    cwd: Path
+    files: list[Path]               # native files written, the first one is the one `plan` prints
+    total_steps: int | None = None
+
+    def command_line(self) -> str:
+        import shlex
+        env = " ".join(f"{k}={shlex.quote(v)}" for k, v in sorted(self.env.items()))
+        cmd = " ".join(shlex.quote(a) for a in self.argv)
+        return f"cd {shlex.quote(str(self.cwd))} && {env + ' ' if env else ''}{cmd}"
+
+
+@dataclass
+class RunResult:
+    output_kind: str                # adapter | model
+    output_dir: Path
+    final_metrics: dict[str, Any] = field(default_factory=dict)
+
+
+class Backend:
+    name: str = ""
+    extra: str | None = None        # pip extra that installs it
+    packages: tuple[str, ...] = ()  # importable modules that must be present to *run*
+    capabilities: Capabilities
+
+    # ---- protocol -------------------------------------------------------------------------
+    def check(self, strategy: Strategy, platform: Platform) -> None:
+        """Raise UnsupportedError / BackendUnavailable when this backend cannot run the strategy here."""
+        self.check_capabilities(strategy, platform)
+        self.check_installed()
+
+    def compile(self, ctx: CompileContext) -> NativePlan:  # pragma: no cover - abstract
+        raise NotImplementedError(f"{type(self).__name__}.compile")
+
+    def collect(self, ctx: CompileContext) -> RunResult:  # pragma: no cover - abstract
+        raise NotImplementedError(f"{type(self).__name__}.collect")
+
+    # ---- shared helpers -------------------------------------------------------------------
+    def missing_packages(self) -> list[str]:
+        return [p for p in self.packages if importlib.util.find_spec(p) is None]
+
+    def check_installed(self) -> None:
+        missing = self.missing_packages()
+        if missing:
+            raise BackendUnavailable(
+                f"backend '{self.name}' needs {', '.join(missing)}, which is not installed",
+                hint=f'pip install "llfarm[{self.extra}]"' if self.extra else None)
+
+    def check_capabilities(self, strategy: Strategy, platform: Platform) -> None:
+        caps = self.capabilities
+        wanted = [("stage", strategy.stage, caps.stages), ("method", strategy.method.type, caps.methods),
+                  ("quantization", strategy.quantization, caps.quantization),
+                  ("launcher", strategy.distributed.launcher, caps.launchers),
+                  ("platform", platform.name, caps.platforms)]
+        for what, value, allowed in wanted:
+            if value not in allowed:
+                reason = caps.reasons.get(f"{what}:{value}", f"it supports {what} {one_of(allowed)}")
+                alternatives = [b.name for b in registry().values() if b.name != self.name and
+                                _supports(b, what, value)]
+                hint = ("try " + " or ".join(f"--backend {a}" for a in alternatives)) if alternatives else None
+                raise UnsupportedError(f"backend '{self.name}' cannot run {what} '{value}': {reason}",
+                                       hint=hint)
+        if strategy.quantization == "4bit" and platform.name != "cuda":
+            raise UnsupportedError(
+                f"{strategy.method.type} (4-bit bitsandbytes) needs a CUDA GPU; this machine has "
+                f"{platform.accelerator}", hint="use method.type: lora on this machine, or run on a CUDA GPU")
+
+
+def _supports(backend: Backend, what: str, value: str) -> bool:
+    caps = backend.capabilities
+    return value in {"stage": caps.stages, "method": caps.methods, "quantization": caps.quantization,
+                     "launcher": caps.launchers, "platform": caps.platforms}[what]
+
+
+_REGISTRY: dict[str, Backend] | None = None
+
+
+def registry() -> dict[str, Backend]:
+    """Every registered backend, in entry-point order (pytorch, llamafactory, unsloth)."""
+    global _REGISTRY
+    if _REGISTRY is None:
+        found: dict[str, Backend] = {}
+        for ep in entry_points(group="llfarm.backends"):
+            found[ep.name] = ep.load()
+        order = ["unsloth", "pytorch", "llamafactory"]
+        _REGISTRY = dict(sorted(found.items(), key=lambda kv: order.index(kv[0]) if kv[0] in order else 99))
+    return _REGISTRY
+
+
+def get_backend(name: str) -> Backend:
+    backends = registry()
+    if name not in backends:
+        raise UnsupportedError(f"unknown backend '{name}'{did_you_mean(name, backends)}", where="backend",
+                               hint=f"expected {one_of([*backends, 'auto'])}")
+    return backends[name]
+
+
+def choose_backend(strategy: Strategy, platform: Platform, requested: str | None = None) -> Backend:
+    """The backend named by --backend or the strategy; for 'auto', the first one that can run here."""
+    name = requested or strategy.backend
+    if name != "auto":
+        backend = get_backend(name)
+        backend.check(strategy, platform)
+        return backend
+    reasons = []
+    for backend in registry().values():
+        try:
+            backend.check(strategy, platform)
+            return backend
+        except (UnsupportedError, BackendUnavailable) as exc:
+            reasons.append(f"{backend.name}: {exc.message}")
+    raise UnsupportedError("no backend can run this strategy here: " + "; ".join(reasons),
+                           hint="run `llfarm backends` to see what each backend needs")

@@ -1,0 +1,126 @@
+"""The normalized run directory — the same for every backend.
+
+    runs/<run-id>/
+      manifest.json   status, backend, stage, versions, hashes, timings, final metrics, paths (atomic writes)
+      strategy.yaml   the resolved strategy (secrets redacted)
+      native/         what the backend was given, plus command.txt
+      logs/           backend stdout/stderr
+      metrics.jsonl   one line per logging step
+      checkpoints/    resumable checkpoints
+      adapter/ | model/   the final PEFT adapter or full model (+ tokenizer)
+      loss.png        the loss curve
+      exports/        merged/, *.gguf, Modelfile
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .errors import RunError
+
+STATUSES = ("created", "running", "completed", "failed", "interrupted")
+
+
+@dataclass(frozen=True)
+class RunDir:
+    root: Path
+
+    @property
+    def manifest_path(self) -> Path: return self.root / "manifest.json"
+    @property
+    def strategy_path(self) -> Path: return self.root / "strategy.yaml"
+    @property
+    def native(self) -> Path: return self.root / "native"
+    @property
+    def logs(self) -> Path: return self.root / "logs"
+    @property
+    def metrics_path(self) -> Path: return self.root / "metrics.jsonl"
+    @property
+    def checkpoints(self) -> Path: return self.root / "checkpoints"
+    @property
+    def adapter(self) -> Path: return self.root / "adapter"
+    @property
+    def model(self) -> Path: return self.root / "model"
+    @property
+    def loss_png(self) -> Path: return self.root / "loss.png"
+    @property
+    def exports(self) -> Path: return self.root / "exports"
+
+    def create(self) -> RunDir:
+        for d in (self.root, self.native, self.logs, self.checkpoints):
+            d.mkdir(parents=True, exist_ok=True)
+        return self
+
+    # ---- manifest -----------------------------------------------------------------------
+    def read_manifest(self) -> dict[str, Any]:
+        try:
+            return json.loads(self.manifest_path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise RunError("not a run directory (no manifest.json)", where=str(self.root),
+                           hint="pass a directory printed by `llfarm run`, e.g. runs/<run-id>") from None
+        except json.JSONDecodeError as exc:
+            raise RunError(f"manifest.json is corrupt: {exc.msg}", where=str(self.manifest_path)) from None
+
+    def write_manifest(self, data: dict[str, Any]) -> None:
+        atomic_write_text(self.manifest_path, json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
+
+    def update_manifest(self, **changes: Any) -> dict[str, Any]:
+        data = self.read_manifest() if self.manifest_path.exists() else {}
+        data.update(changes)
+        data["updated_at"] = now_iso()
+        self.write_manifest(data)
+        return data
+
+    # ---- outputs ------------------------------------------------------------------------
+    def output_dir(self) -> Path:
+        """The final adapter/ or model/ directory; a clear error if training left neither."""
+        for d in (self.adapter, self.model):
+            if d.is_dir() and any(d.iterdir()):
+                return d
+        raise RunError("the run has no adapter/ or model/ (did training finish?)", where=str(self.root),
+                       hint="check manifest.json's status and logs/, or resume with `llfarm resume`")
+
+    def read_metrics(self) -> list[dict[str, Any]]:
+        if not self.metrics_path.exists():
+            return []
+        rows = []
+        for line in self.metrics_path.read_text(encoding="utf-8").splitlines():
+            line = line.strip()
+            if line:
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError:
+                    continue  # a line being written right now
+        return rows
+
+    def latest_checkpoint(self) -> Path | None:
+        ckpts = [p for p in self.checkpoints.glob("checkpoint-*") if p.is_dir() and p.name.split("-")[-1].isdigit()]
+        return max(ckpts, key=lambda p: int(p.name.split("-")[-1])) if ckpts else None
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def now_iso() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S%z")
+
+
+def new_run_id(name: str) -> str:
+    return f"{time.strftime('%Y%m%d-%H%M%S')}-{name}"
