@@ -132,6 +132,7 @@ def _supports(backend: Backend, what: str, value: str) -> bool:
 
 
 _REGISTRY: dict[str, Backend] | None = None
+BROKEN: dict[str, str] = {}
 
 
 def registry() -> dict[str, Backend]:
@@ -140,7 +141,10 @@ def registry() -> dict[str, Backend]:
     if _REGISTRY is None:
         found: dict[str, Backend] = {}
         for ep in entry_points(group="llfarm.backends"):
-            found[ep.name] = ep.load()
+            try:
+                found[ep.name] = ep.load()
+            except ImportError as exc:  # a plugin whose module is broken must not break the others
+                BROKEN[ep.name] = f"{ep.value} failed to import: {exc}"
         order = ["unsloth", "pytorch", "llamafactory"]
         _REGISTRY = dict(sorted(found.items(), key=lambda kv: order.index(kv[0]) if kv[0] in order else 99))
     return _REGISTRY

@@ -118,6 +118,15 @@ def atomic_write_text(path: Path, text: str) -> None:
         raise
 
 
+def read_json(path: Path) -> dict[str, Any]:
+    """A JSON file's object, or {} when it is missing or unreadable."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
 def now_iso() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S%z")
 

@@ -150,6 +150,9 @@ def _absolutize_paths(data: dict[str, Any], base: Path) -> None:
             if key == "distributed.deepspeed" and not value.endswith(".json"):
                 continue
             data[section][leaf] = str((base / value).resolve())
+    tpl = data.get("template")
+    if isinstance(tpl, str) and tpl.endswith((".yaml", ".yml")) and not Path(tpl).is_absolute():
+        data["template"] = str((base / tpl).resolve())
     model = data.get("model")
     if isinstance(model, dict) and isinstance(model.get("path"), str):
         p = model["path"]

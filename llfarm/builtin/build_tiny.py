@@ -58,7 +58,10 @@ def build(out: Path, arch: str = "llama") -> Path:
     tok = build_tokenizer(out)
     common = dict(vocab_size=VOCAB_SIZE, hidden_size=64, intermediate_size=192, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                  rms_norm_eps=1e-6, rope_theta=10000.0, bos_token_id=tok.bos_token_id,
+                  rms_norm_eps=1e-6, rope_theta=10000.0,
+                  # Wide init: with the default 0.02 a frozen 64-wide lm_head caps logits near 1, and LoRA
+                  # could not make any prediction confident.
+                  initializer_range=0.3, bos_token_id=tok.bos_token_id,
                   eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
     if arch == "llama":
         config = LlamaConfig(**common, tie_word_embeddings=False, attention_bias=False)

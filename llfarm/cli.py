@@ -1,0 +1,266 @@
+"""The llfarm command line. Heavy libraries (torch, transformers, backends) load only inside commands that
+train or generate, so `llfarm --help` and `llfarm plan` stay fast. Any LlfarmError becomes one line on
+stderr and exit code 2; nothing half-written stays behind.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+from . import __version__
+from .errors import LlfarmError
+
+SET_HELP = "Override a strategy value: --set training.max_steps=20 (repeatable)."
+
+
+class LlfarmGroup(click.Group):
+    """Turns LlfarmError into one line + its exit code, and keeps commands in definition order."""
+
+    def list_commands(self, ctx):
+        return list(self.commands)
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except LlfarmError as exc:
+            click.echo(f"llfarm: error: {exc.render()}", err=True)
+            sys.exit(exc.exit_code)
+
+
+@click.group(cls=LlfarmGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="llfarm")
+def cli() -> None:
+    """llfarm — one YAML strategy, many fine-tuning backends, one run directory.
+
+    \b
+    llfarm strategies list
+    llfarm plan quickstart --backend llamafactory
+    llfarm run quickstart
+    llfarm generate runs/<id> --prompt "What is the capital of France?"
+    llfarm export runs/<id> --format ollama
+    """
+
+
+# ---------------------------------------------------------------- strategies
+
+@cli.group(cls=LlfarmGroup)
+def strategies() -> None:
+    """List and show the shipped strategies."""
+
+
+@strategies.command("list")
+def strategies_list() -> None:
+    """Shipped strategies with their stage, method and description."""
+    import yaml
+
+    from .strategy import shipped_strategies
+    for name, path in shipped_strategies().items():
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        method = (data.get("method") or {}).get("type", "")
+        click.echo(f"{name:<18} {data.get('stage', 'sft'):<4} {method:<7} {data.get('description', '')}")
+
+
+@strategies.command("show")
+@click.argument("name")
+@click.option("--resolved", is_flag=True, help="Show every value after extends/defaults, with its source.")
+def strategies_show(name: str, resolved: bool) -> None:
+    """Print a shipped strategy (or any strategy file)."""
+    from .strategy import find_strategy, resolve
+    if not resolved:
+        click.echo(find_strategy(name).read_text(encoding="utf-8"), nl=False)
+        return
+    _print_sources(resolve(name))
+
+
+def _print_sources(res) -> None:
+    from .strategy import _flatten
+    for key, value in _flatten(res.strategy.model_dump(mode="json")).items():
+        click.echo(f"{key} = {value!r}    # {res.source_of(key)}")
+
+
+@cli.command()
+@click.argument("strategy")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help=SET_HELP)
+@click.option("--explain", is_flag=True, help="Print every resolved value and where it came from.")
+def validate(strategy: str, overrides: tuple[str, ...], explain: bool) -> None:
+    """Check a strategy (schema, extends, --set, template, data) without running anything."""
+    from .data import prepare
+    from .models import resolve_model
+    from .strategy import resolve
+    from .templates import load_template
+    res = resolve(strategy, overrides)
+    load_template(res.strategy.template)
+    resolve_model(res.strategy.model.path)
+    data = prepare(res.strategy)
+    if explain:
+        _print_sources(res)
+    click.echo(f"ok: {res.file} — stage {res.strategy.stage}, method {res.strategy.method.type}, "
+               f"{data.n_train} training examples ({data.source_format})")
+
+
+@cli.command()
+def backends() -> None:
+    """Each backend, what it supports, and whether it can run here (and why not)."""
+    from .backend import BROKEN, registry
+    from .errors import BackendUnavailable
+    from .platform import detect
+    plat = detect()
+    click.echo(f"platform: {plat.name} ({plat.accelerator})")
+    for b in registry().values():
+        try:
+            b.check_installed()
+            status = "ready" if plat.name in b.capabilities.platforms else \
+                f"cannot run here: {b.capabilities.reasons.get('platform:' + plat.name, 'platform not supported')}"
+        except BackendUnavailable as exc:
+            status = f"not installed: {exc.render()}"
+        caps = b.capabilities.table()
+        click.echo(f"{b.name:<13} {status}")
+        click.echo(f"{'':<13} stages {','.join(caps['stages'])}; methods {','.join(caps['methods'])}; "
+                   f"quantization {','.join(caps['quantization'])}; platforms {','.join(caps['platforms'])}")
+    for name, why in BROKEN.items():
+        click.echo(f"{name:<13} broken: {why}")
+
+
+# ---------------------------------------------------------------- plan and run
+
+@cli.command()
+@click.argument("strategy")
+@click.option("--backend", "-b", help="pytorch, llamafactory, unsloth or auto (default: the strategy's).")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help=SET_HELP)
+@click.option("--out", type=click.Path(path_type=Path), help="Keep the native files in this directory.")
+def plan(strategy: str, backend: str | None, overrides: tuple[str, ...], out: Path | None) -> None:
+    """Resolve, validate and compile a strategy; print the native config. Runs nothing."""
+    import tempfile
+
+    from .runner import create_run, prepare_run
+    from .strategy import resolve
+    res = resolve(strategy, overrides)
+    prep = prepare_run(res, backend)
+    with tempfile.TemporaryDirectory(prefix="llfarm-plan-") as tmp:
+        root = out or Path(tmp)
+        ctx, native = create_run(prep, root.parent if out else root, run_id=root.name if out else "plan")
+        s = res.strategy
+        click.echo(f"# strategy: {res.file}")
+        click.echo(f"# backend: {prep.backend.name}")
+        click.echo(f"# stage: {s.stage}")
+        click.echo(f"# method: {s.method.type}")
+        click.echo(f"# platform: {prep.platform.name} (precision {prep.precision})")
+        click.echo(f"# model: {prep.model_path}")
+        click.echo(f"# data: {prep.data.n_train} train / {prep.data.n_eval} eval ({prep.data.source_format})")
+        click.echo(f"# steps: {native.total_steps}")
+        click.echo(f"# command: {native.command_line()}")
+        for f in native.files:
+            click.echo(f"# ---- {f.relative_to(ctx.run.root) if out else f.name}")
+            click.echo(f.read_text(encoding="utf-8").rstrip("\n"))
+        if out:
+            click.echo(f"# written to {ctx.run.root}")
+
+
+@cli.command()
+@click.argument("strategy")
+@click.option("--backend", "-b", help="pytorch, llamafactory, unsloth or auto (default: the strategy's).")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help=SET_HELP)
+@click.option("--output", "-o", type=click.Path(path_type=Path), default=Path("runs"), show_default=True,
+              help="Folder that holds run directories.")
+@click.option("--run-id", help="Name of the run directory (default: <timestamp>-<strategy name>).")
+@click.option("--verbose", "-v", is_flag=True, help="Stream the backend's own output instead of a progress bar.")
+def run(strategy: str, backend: str | None, overrides: tuple[str, ...], output: Path, run_id: str | None,
+        verbose: bool) -> None:
+    """Train: compile for the backend, run it, normalize the run directory. Prints the run dir last."""
+    from .runner import create_run, prepare_run
+    from .strategy import resolve
+    res = resolve(strategy, overrides)
+    prep = prepare_run(res, backend)
+    ctx, native = create_run(prep, output, run_id)
+    click.echo(f"run: {ctx.run.root} (backend {prep.backend.name}, stage {res.strategy.stage}, "
+               f"{native.total_steps} steps)", err=True)
+    _execute_and_finish(ctx, native, prep.backend, verbose)
+
+
+def _execute_and_finish(ctx, native, backend, verbose: bool) -> None:
+    from .errors import RunError
+    from .runner import execute, finish, tail
+    code = execute(ctx, native, verbose=verbose)
+    if code == 130:
+        click.echo(f"interrupted; resume with: llfarm resume {ctx.run.root}", err=True)
+        click.echo(str(ctx.run.root))
+        sys.exit(130)
+    if code != 0:
+        click.echo(tail(ctx.run.logs / "train.log"), err=True)
+        raise RunError(f"the {backend.name} process exited with code {code}", where=str(ctx.run.root),
+                       hint=f"full log: {ctx.run.logs / 'train.log'}")
+    result = finish(ctx, backend)
+    fm = ctx.run.read_manifest().get("final_metrics", {})
+    if "first_loss" in fm:
+        click.echo(f"loss {fm['first_loss']:.4f} → {fm['final_loss']:.4f} over {fm.get('steps')} steps; "
+                   f"{result.output_kind}: {result.output_dir}", err=True)
+    formats = list(ctx.strategy.export.formats)
+    if formats:
+        _do_export(ctx.run.root, formats, ctx.strategy.export.quant, None, ctx.strategy.export.name)
+    click.echo(str(ctx.run.root))
+
+
+@cli.command()
+@click.argument("run_dir", type=click.Path(path_type=Path))
+@click.option("--max-steps", type=int, help="Train until this many total steps (default: the strategy's).")
+@click.option("--verbose", "-v", is_flag=True, help="Stream the backend's own output.")
+def resume(run_dir: Path, max_steps: int | None, verbose: bool) -> None:
+    """Continue an interrupted or finished run from its latest checkpoint, in the same run directory."""
+    from .resume import resume_run
+    ctx, native, backend = resume_run(run_dir, max_steps)
+    click.echo(f"resuming {ctx.run.root} from {ctx.resume_from.name}", err=True)
+    _execute_and_finish(ctx, native, backend, verbose)
+
+
+# ---------------------------------------------------------------- using a run
+
+@cli.command()
+@click.argument("run_dir", type=click.Path(path_type=Path))
+@click.option("--prompt", "-p", required=True, multiple=True, help="User message (repeat for several prompts).")
+@click.option("--max-new-tokens", type=click.IntRange(1, 100_000), default=64, show_default=True)
+@click.option("--temperature", type=click.FloatRange(0.0), default=0.0, show_default=True,
+              help="0 = greedy decoding.")
+@click.option("--system", help="System prompt (default: the strategy's data.system).")
+def generate(run_dir: Path, prompt: tuple[str, ...], max_new_tokens: int, temperature: float,
+             system: str | None) -> None:
+    """Generate with a run's model (base + adapter, or the full model) and its training template."""
+    from .generate import Generator
+    gen = Generator.from_run(run_dir)
+    for p in prompt:
+        click.echo(gen.generate(p, max_new_tokens=max_new_tokens, temperature=temperature, system=system))
+
+
+@cli.command()
+@click.argument("run_dir", type=click.Path(path_type=Path))
+@click.option("--format", "-f", "formats", multiple=True, required=True,
+              type=click.Choice(["merged", "gguf", "ollama"]), help="What to write (repeatable).")
+@click.option("--quant", "-q", type=click.Choice(["f32", "f16", "q8_0"]), default="q8_0", show_default=True,
+              help="GGUF tensor type.")
+@click.option("--out", type=click.Path(path_type=Path), help="Output folder (default: RUN/exports).")
+@click.option("--name", help="Model name for the file and `ollama create` (default: the strategy name).")
+def export(run_dir: Path, formats: tuple[str, ...], quant: str, out: Path | None, name: str | None) -> None:
+    """Export a run: merged HF model, GGUF (f32/f16/q8_0), and an Ollama Modelfile."""
+    _do_export(run_dir, list(formats), quant, out, name)
+
+
+def _do_export(run_dir: Path, formats: list[str], quant: str, out: Path | None, name: str | None) -> None:
+    from .export import export_run, ollama_create_command
+    paths = export_run(Path(run_dir), formats, quant=quant, out=out, name=name)
+    for p in paths:
+        click.echo(f"wrote {p}", err=True)
+    modelfiles = [p for p in paths if p.name == "Modelfile"]
+    if modelfiles:
+        from .rundir import RunDir
+        model_name = name or RunDir(Path(run_dir)).read_manifest().get("strategy_name", "llfarm-model")
+        click.echo(f"load it in Ollama: {ollama_create_command(modelfiles[0], model_name)}", err=True)
+
+
+def main() -> None:
+    cli(prog_name="llfarm")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,270 @@
+"""Run a compiled plan: one place for process control, logs, progress, signals, manifest and resume.
+
+    prepare()  resolve the model, check capabilities, load data   (nothing written yet; errors exit 2)
+    create()   make the run directory, write data + native files   (removed again if compile fails)
+    execute()  run the backend's command, tee logs, tail metrics.jsonl for the progress bar, handle Ctrl-C
+    finish()   backend.collect → adapter/ | model/, loss.png, final metrics, status, exports
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from . import __version__
+from .backend import Backend, CompileContext, NativePlan, RunResult, choose_backend
+from .data import PreparedData, prepare, total_steps
+from .errors import DataError, LlfarmError, RunError
+from .models import resolve_model
+from .platform import Platform, detect, resolve_precision
+from .rundir import RunDir, atomic_write_text, new_run_id, now_iso
+from .strategy import Resolved, dump
+from .templates import load_template
+
+LIBRARIES = ("llfarm", "torch", "transformers", "peft", "trl", "accelerate", "datasets", "llamafactory",
+             "unsloth", "gguf", "bitsandbytes")
+SECRET_RE = re.compile(r"hf_[A-Za-z0-9]{20,}")
+
+
+@dataclass
+class Prepared:
+    resolved: Resolved
+    backend: Backend
+    platform: Platform
+    model_path: str
+    data: PreparedData
+    precision: str
+
+
+def prepare_run(resolved: Resolved, backend: str | None = None) -> Prepared:
+    """Every check that can fail on bad input, before anything is written."""
+    strategy = resolved.strategy
+    plat = detect()
+    load_template(strategy.template)                  # unknown template → exit 2 now, not mid-run
+    chosen = choose_backend(strategy, plat, backend)
+    model_path = resolve_model(strategy.model.path)
+    data = prepare(strategy)
+    steps = total_steps(strategy, data.n_train)
+    if steps < 1:
+        raise DataError(f"the strategy trains for zero steps ({data.n_train} examples, epochs "
+                        f"{strategy.training.epochs}, batch {strategy.training.batch_size})",
+                        where="training", hint="set training.max_steps or add data")
+    return Prepared(resolved, chosen, plat, model_path, data,
+                    resolve_precision(strategy.training.precision, plat))
+
+
+def library_versions() -> dict[str, str | None]:
+    from importlib.metadata import PackageNotFoundError, version
+    out: dict[str, str | None] = {}
+    for lib in LIBRARIES:
+        try:
+            out[lib] = version(lib)
+        except PackageNotFoundError:
+            out[lib] = None
+    out["python"] = sys.version.split()[0]
+    return out
+
+
+def create_run(prep: Prepared, output: Path, run_id: str | None = None) -> tuple[CompileContext, NativePlan]:
+    """Make the run directory and compile into it; on any error, leave nothing behind."""
+    s = prep.resolved.strategy
+    run = RunDir(output / (run_id or new_run_id(s.name)))
+    if run.root.exists():
+        raise RunError(f"run directory already exists: {run.root}", hint="pass another --run-id or --output")
+    run.create()
+    try:
+        prep.data.write(run.native / "data")
+        atomic_write_text(run.strategy_path, dump(prep.resolved))
+        ctx = CompileContext(strategy=s, run=run, platform=prep.platform, model_path=prep.model_path,
+                             data=prep.data, precision=prep.precision)
+        plan = prep.backend.compile(ctx)
+        write_command(run, plan)
+        run.write_manifest(initial_manifest(prep, run, plan))
+        return ctx, plan
+    except BaseException:
+        shutil.rmtree(run.root, ignore_errors=True)
+        raise
+
+
+def write_command(run: RunDir, plan: NativePlan) -> None:
+    atomic_write_text(run.native / "command.txt", redact_text(plan.command_line()) + "\n")
+
+
+def initial_manifest(prep: Prepared, run: RunDir, plan: NativePlan) -> dict[str, Any]:
+    s = prep.resolved.strategy
+    tpl = load_template(s.template)
+    return {
+        "llfarm_version": __version__, "run_id": run.root.name, "status": "created",
+        "strategy_name": s.name, "strategy_file": str(prep.resolved.file) if prep.resolved.file else None,
+        "backend": prep.backend.name, "stage": s.stage, "method": s.method.type,
+        "platform": prep.platform.name, "precision": prep.precision,
+        "model_path": prep.model_path, "template": s.template, "template_eos": tpl.eos,
+        "system": s.data.system, "output_kind": "adapter" if s.is_peft else "model",
+        "data": {"format": prep.data.source_format, "n_train": prep.data.n_train, "n_eval": prep.data.n_eval,
+                 "sha256": prep.data.sources},
+        "strategy_sha256": _sha256_text(run.strategy_path.read_text(encoding="utf-8")),
+        "total_steps": plan.total_steps, "versions": library_versions(),
+        "paths": {"native": "native", "logs": "logs", "metrics": "metrics.jsonl", "checkpoints": "checkpoints"},
+        "created_at": now_iso(), "timings": {}, "final_metrics": {},
+    }
+
+
+def _sha256_text(text: str) -> str:
+    import hashlib
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def redact_text(text: str) -> str:
+    text = SECRET_RE.sub("***", text)
+    for var in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "WANDB_API_KEY"):
+        val = os.environ.get(var)
+        if val and len(val) > 4:
+            text = text.replace(val, "***")
+    return text
+
+
+# ---------------------------------------------------------------- execution
+
+def child_env(plan: NativePlan) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(plan.env)
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    env.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+    return env
+
+
+def execute(ctx: CompileContext, plan: NativePlan, *, verbose: bool = False, quiet: bool = False) -> int:
+    """Run the backend process; returns its exit code. Ctrl-C is forwarded; the status says what happened."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    run = ctx.run
+    started = time.time()
+    run.update_manifest(status="running", started_at=now_iso())
+    log_path = run.logs / "train.log"
+    console = Console(stderr=True)
+    with open(log_path, "a", encoding="utf-8") as log:
+        log.write(f"$ {redact_text(plan.command_line())}\n")
+        log.flush()
+        proc = subprocess.Popen(plan.argv, cwd=plan.cwd, env=child_env(plan), stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True, bufsize=1, start_new_session=True)
+
+        def pump() -> None:
+            assert proc.stdout is not None
+            for line in proc.stdout:
+                line = redact_text(line)
+                log.write(line)
+                log.flush()
+                if verbose:
+                    console.print(line.rstrip("\n"), markup=False, highlight=False)
+
+        reader = threading.Thread(target=pump, daemon=True)
+        reader.start()
+        interrupted = False
+        progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                            TextColumn("{task.fields[info]}"), TimeElapsedColumn(), console=console,
+                            disable=quiet or verbose, transient=False)
+        with progress:
+            task = progress.add_task(f"{ctx.strategy.stage} · {plan_backend(run)}", total=plan.total_steps,
+                                     info="starting")
+            while True:
+                try:
+                    code = proc.wait(timeout=0.5)
+                    break
+                except subprocess.TimeoutExpired:
+                    _update_progress(progress, task, run)
+                except KeyboardInterrupt:
+                    interrupted = True
+                    _signal(proc, signal.SIGINT)
+                    try:
+                        code = proc.wait(timeout=30)
+                    except (subprocess.TimeoutExpired, KeyboardInterrupt):
+                        _signal(proc, signal.SIGKILL)
+                        code = proc.wait()
+                    break
+            _update_progress(progress, task, run)
+        reader.join(timeout=5)
+    elapsed = round(time.time() - started, 2)
+    timings = dict(run.read_manifest().get("timings", {}), train_s=elapsed)
+    if interrupted:
+        run.update_manifest(status="interrupted", timings=timings, ended_at=now_iso())
+        return 130
+    if code != 0:
+        run.update_manifest(status="failed", exit_code=code, timings=timings, ended_at=now_iso())
+    else:
+        run.update_manifest(timings=timings)
+    return code
+
+
+def plan_backend(run: RunDir) -> str:
+    try:
+        return run.read_manifest().get("backend", "")
+    except LlfarmError:
+        return ""
+
+
+def _signal(proc: subprocess.Popen, sig: int) -> None:
+    try:
+        os.killpg(proc.pid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def _update_progress(progress, task, run: RunDir) -> None:
+    rows = run.read_metrics()
+    if not rows:
+        return
+    last = rows[-1]
+    losses = [r for r in rows if "loss" in r]
+    info = f"loss {losses[-1]['loss']:.4f}" if losses else ""
+    progress.update(task, completed=last.get("step", 0), total=last.get("total_steps") or None, info=info)
+
+
+def tail(path: Path, n: int = 15) -> str:
+    try:
+        lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+    except OSError:
+        return ""
+    return "\n".join(lines[-n:])
+
+
+def finish(ctx: CompileContext, backend: Backend) -> RunResult:
+    """Normalize outputs, draw loss.png, record final metrics and mark the run completed."""
+    from .metrics import plot_loss
+
+    run = ctx.run
+    result = backend.collect(ctx)
+    rows = run.read_metrics()
+    plot_loss(rows, run.loss_png, title=f"{ctx.strategy.name} ({backend.name}, {ctx.strategy.stage})")
+    final = summarize(rows)
+    final.update(result.final_metrics)
+    run.update_manifest(status="completed", ended_at=now_iso(), final_metrics=final,
+                        output_kind=result.output_kind,
+                        paths={**run.read_manifest().get("paths", {}),
+                               "output": str(result.output_dir.relative_to(run.root)), "loss_plot": "loss.png"})
+    return result
+
+
+def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """first/last/min train loss and the last value of every other metric."""
+    out: dict[str, Any] = {}
+    losses = [r["loss"] for r in rows if "loss" in r]
+    if losses:
+        out.update(first_loss=losses[0], final_loss=losses[-1], min_loss=min(losses))
+    for r in rows:
+        for k, v in r.items():
+            if k not in ("loss", "time"):
+                out[k] = v
+    if rows:
+        out["steps"] = max(r.get("step", 0) for r in rows)
+    return out
