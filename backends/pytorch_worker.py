@@ -18,7 +18,10 @@ def main(config_path: str) -> int:
     import torch
     from transformers import AutoTokenizer, set_seed
 
+    from llfarm.compat import fix_trl_availability_flags
     from llfarm.metrics import trainer_callback
+
+    fix_trl_availability_flags()
     from llfarm.templates import load_template
     from llfarm.train_common import tokenizer_for_template
 
@@ -82,6 +85,8 @@ def load_model(cfg: dict[str, Any], tokenizer):
     else:
         model = AutoModelForCausalLM.from_pretrained(m["path"], **kwargs)
     model.config.pad_token_id = tokenizer.pad_token_id
+    from llfarm.compat import ensure_warnings_issued
+    ensure_warnings_issued(model)
     if m["quantization"] in ("4bit", "8bit"):
         from peft import prepare_model_for_kbit_training
         model = prepare_model_for_kbit_training(

@@ -181,7 +181,7 @@ def run(strategy: str, backend: str | None, overrides: tuple[str, ...], output: 
 
 
 def _execute_and_finish(ctx, native, backend, verbose: bool) -> None:
-    from .errors import RunError
+    from .errors import TrainingFailed
     from .runner import execute, finish, tail
     code = execute(ctx, native, verbose=verbose)
     if code == 130:
@@ -190,7 +190,7 @@ def _execute_and_finish(ctx, native, backend, verbose: bool) -> None:
         sys.exit(130)
     if code != 0:
         click.echo(tail(ctx.run.logs / "train.log"), err=True)
-        raise RunError(f"the {backend.name} process exited with code {code}", where=str(ctx.run.root),
+        raise TrainingFailed(f"the {backend.name} process exited with code {code}", where=str(ctx.run.root),
                        hint=f"full log: {ctx.run.logs / 'train.log'}")
     result = finish(ctx, backend)
     fm = ctx.run.read_manifest().get("final_metrics", {})

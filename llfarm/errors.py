@@ -53,7 +53,11 @@ class BackendUnavailable(LlfarmError):
 
 
 class RunError(LlfarmError):
-    """A run directory is missing, incomplete, or the backend process failed."""
+    """A run directory is missing or incomplete."""
+
+
+class TrainingFailed(RunError):
+    """The backend process exited with an error (not bad input: exit code 1)."""
 
     exit_code = 1
 

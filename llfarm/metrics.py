@@ -20,11 +20,11 @@ RENAMES = {
     "rewards/rejected": "rewards_rejected", "rewards/margins": "reward_margin",
     "rewards/accuracies": "reward_accuracy", "eval_rewards/margins": "eval_reward_margin",
     "eval_rewards/accuracies": "eval_reward_accuracy", "eval_accuracy": "eval_accuracy",
-    "current_steps": "step", "train_tokens_per_second": "tokens_per_s",
+    "current_steps": "step", "train_tokens_per_second": "tokens_per_s", "margin": "reward_margin",
 }
 KEEP = {"step", "total_steps", "epoch", "loss", "eval_loss", "learning_rate", "grad_norm", "tokens_per_s",
         "memory_mb", "time", "rewards_chosen", "rewards_rejected", "reward_margin", "reward_accuracy",
-        "eval_reward_margin", "eval_reward_accuracy", "accuracy", "eval_accuracy", "train_runtime"}
+        "eval_reward_margin", "eval_reward_accuracy", "accuracy", "eval_accuracy"}
 
 
 def normalize(row: dict[str, Any]) -> dict[str, Any]:
@@ -77,7 +77,7 @@ def trainer_callback(path: str | Path):
                 row["epoch"] = round(state.epoch, 4)
             seen = getattr(state, "num_input_tokens_seen", 0) or 0
             now = time.time()
-            if seen and now > self.last_time:
+            if seen > self.last_tokens and now > self.last_time:
                 row["tokens_per_s"] = round((seen - self.last_tokens) / (now - self.last_time), 2)
                 self.last_tokens, self.last_time = seen, now
             row["memory_mb"] = _memory_mb()

@@ -30,11 +30,7 @@ class Resolved:
     sources: dict[str, str] = field(default_factory=dict)
 
     def source_of(self, key: str) -> str:
-        while key:
-            if key in self.sources:
-                return self.sources[key]
-            key = key.rpartition(".")[0]
-        return "default"
+        return _origin(key, self.sources) or "default"
 
 
 # ---------------------------------------------------------------- locating files
@@ -167,7 +163,7 @@ def _load_layers(path: Path, chain: tuple[Path, ...] = ()) -> tuple[dict[str, An
         raise StrategyError([f"extends forms a cycle: {cycle}"], where=str(path))
     data, lines = read_yaml(path)
     _absolutize_paths(data, path.parent)
-    sources = {k: f"{path.name}:{lines.get(k, '?')}" for k in _flatten(data)}
+    sources = {k: f"{path}:{line}" for k, line in lines.items()}
     parent_ref = data.get("extends")
     if parent_ref is None:
         return data, sources
@@ -219,24 +215,34 @@ def _describe(err: dict[str, Any]) -> str:
 
 def validate(data: dict[str, Any], *, file: Path | None = None,
              sources: dict[str, str] | None = None) -> Strategy:
+    """The Strategy, or one StrategyError listing every problem with its key path and file:line."""
     sources = sources or {}
     try:
         return Strategy.model_validate(data)
     except ValidationError as exc:
-        problems = []
-        for err in exc.errors():
+        errors = exc.errors()
+        found = []
+        for err in errors:
             key = ".".join(str(p) for p in err["loc"])
-            origin = sources.get(key) or sources.get(key.rpartition(".")[0])
-            text = _describe(err)
-            problems.append(f"{text} [{origin}]" if origin and len(exc.errors()) > 1 else text)
-        first_key = ".".join(str(p) for p in exc.errors()[0]["loc"])
-        origin = sources.get(first_key) or sources.get(first_key.rpartition(".")[0])
-        where = str(file) if file else "strategy"
-        if origin and len(problems) == 1:
-            where = origin if origin.startswith("--set") else f"{file.parent / origin if file else origin}"
+            origin = _origin(key, sources)
+            found.append((_describe(err), origin))
+        if len(found) == 1:
+            problem, origin = found[0]
+            problems, where = [problem], origin or (str(file) if file else None)
+        else:
+            problems = [f"{p} [{o}]" if o else p for p, o in found]
+            where = str(file) if file else None
         raise StrategyError(problems, where=where,
                             hint="see `llfarm strategies show quickstart` or the README's strategy reference"
                             ) from None
+
+
+def _origin(key: str, sources: dict[str, str]) -> str | None:
+    while key:
+        if key in sources:
+            return sources[key]
+        key = key.rpartition(".")[0]
+    return None
 
 
 def resolve(ref: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Resolved:
@@ -247,7 +253,7 @@ def resolve(ref: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Res
         if key in PATH_KEYS and isinstance(value, str) and ":" not in value and not Path(value).is_absolute():
             value = str(Path(value).resolve())
         set_path(data, key, value)
-        for k in _flatten(value, key + ".") if isinstance(value, dict) else [key]:
+        for k in [key, *(_flatten(value, key + ".") if isinstance(value, dict) else [])]:
             sources[k] = f"--set {item}"
     strategy = validate(data, file=path, sources=sources)
     return Resolved(strategy=strategy, file=path, sources=sources)

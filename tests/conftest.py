@@ -1,0 +1,50 @@
+"""Shared fixtures: the installed `llfarm` command, offline hub, small runs in tmp dirs."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+LLFARM = str(Path(sys.executable).parent / "llfarm")
+REPO = Path(__file__).resolve().parent.parent
+
+
+def llfarm(*args: str, cwd: Path | None = None, env: dict[str, str] | None = None,
+           timeout: int = 900) -> subprocess.CompletedProcess:
+    """Run the installed CLI in a real process (so exit codes and tracebacks are what a user sees)."""
+    full_env = dict(os.environ, **(env or {}))
+    return subprocess.run([LLFARM, *args], cwd=cwd, env=full_env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+@pytest.fixture
+def cli():
+    return llfarm
+
+
+def run_dir_from(proc: subprocess.CompletedProcess) -> Path:
+    assert proc.returncode == 0, f"llfarm failed ({proc.returncode}):\n{proc.stderr[-4000:]}"
+    return Path(proc.stdout.strip().splitlines()[-1])
+
+
+def manifest(run: Path) -> dict:
+    return json.loads((run / "manifest.json").read_text())
+
+
+def metrics(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
+
+
+def write(path: Path, text: str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text, encoding="utf-8")
+    return path

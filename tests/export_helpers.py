@@ -1,0 +1,339 @@
+"""Test helpers for the export tests: fabricated run dirs, a numpy forward pass over a GGUF, and a tiny
+interpreter for the subset of Go template syntax the shipped Ollama templates use.
+
+The numpy forward and the Go interpreter are deliberately independent of llfarm.export: they are the references
+the product is checked against.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from llfarm.resources import BUILTIN_MODELS
+
+TINY_LLAMA = BUILTIN_MODELS["tiny-llama"]
+
+
+# ---- base models and run directories -------------------------------------------------------------------------------
+
+def tiny_base(tmp: Path, arch: str = "llama", rope: dict[str, Any] | None = None) -> Path:
+    """A tiny base model dir: the shipped Llama, a freshly built tied-embedding Qwen2, or the Llama with ``rope``
+    put into its config (same weights, other rope parameters)."""
+    if arch == "qwen2":
+        from llfarm.builtin.build_tiny import build
+
+        return build(tmp / "tiny-qwen2", arch="qwen2")
+    if rope is None:
+        return TINY_LLAMA
+    out = tmp / f"tiny-llama-{rope.get('rope_type')}"
+    shutil.copytree(TINY_LLAMA, out)
+    cfg = json.loads((out / "config.json").read_text())
+    cfg["rope_parameters"] = {"rope_theta": 10000.0, **rope}
+    (out / "config.json").write_text(json.dumps(cfg, indent=2))
+    return out
+
+
+def make_run(root: Path, base: Path, *, template: str = "chatml", system: str | None = None, stage: str = "sft",
+             output_kind: str = "adapter", seed: int = 0) -> Path:
+    """A run dir as training leaves it: manifest + a non-zero LoRA adapter (or a full model) + tokenizer."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+
+    from llfarm.templates import load_template
+
+    root.mkdir(parents=True, exist_ok=True)
+    tok = AutoTokenizer.from_pretrained(base)
+    tok.chat_template = load_template(template).jinja
+    torch.manual_seed(seed)
+    if stage == "rm":
+        model = AutoModelForSequenceClassification.from_pretrained(base, num_labels=1)
+        task = "SEQ_CLS"
+    else:
+        model = AutoModelForCausalLM.from_pretrained(base)
+        task = "CAUSAL_LM"
+    if output_kind == "adapter":
+        cfg = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+                                                             "up_proj", "down_proj"],
+                         init_lora_weights=False, task_type=task)
+        peft_model = get_peft_model(model, cfg)
+        peft_model.save_pretrained(root / "adapter")
+        tok.save_pretrained(root / "adapter")
+    else:
+        with torch.no_grad():  # a "trained" full model: perturb the weights so it differs from the base
+            for p in model.parameters():
+                p.add_(torch.randn_like(p) * 0.05)
+        model.save_pretrained(root / "model")
+        tok.save_pretrained(root / "model")
+    manifest = {"model_path": str(base), "template": template, "system": system, "strategy_name": "tiny-test",
+                "stage": stage, "output_kind": output_kind, "status": "completed"}
+    (root / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    return root
+
+
+def hf_logits(model_dir: Path | str, ids: list[int], adapter: Path | None = None) -> np.ndarray:
+    """transformers' logits [T, V] (float32), for a model dir or base + adapter."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    if adapter is not None:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, adapter)
+    model.eval()
+    with torch.no_grad():
+        return model(torch.tensor([ids])).logits[0].float().numpy()
+
+
+def hf_state_dict(model_dir: Path) -> dict[str, np.ndarray]:
+    from safetensors.numpy import load_file
+
+    out: dict[str, np.ndarray] = {}
+    for f in sorted(model_dir.glob("*.safetensors")):
+        out.update({k: v.astype(np.float32) for k, v in load_file(f).items()})
+    return out
+
+
+def hf_to_llamacpp_rows(w: np.ndarray, n_head: int) -> np.ndarray:
+    """Reorder rotary rows from HF's half split to llama.cpp's interleaved pairs: within each head, output row
+    2i is input row i and row 2i+1 is input row i + head_dim/2."""
+    head_dim = w.shape[0] // n_head
+    out = np.empty_like(w)
+    for h in range(n_head):
+        block = w[h * head_dim:(h + 1) * head_dim]
+        half = head_dim // 2
+        out[h * head_dim:(h + 1) * head_dim][0::2] = block[:half]
+        out[h * head_dim:(h + 1) * head_dim][1::2] = block[half:]
+    return out
+
+
+# ---- reading a GGUF and running it in numpy ------------------------------------------------------------------------
+
+def gguf_fields(path: Path) -> dict[str, Any]:
+    from gguf import GGUFReader
+
+    reader = GGUFReader(path)
+    return {k: f.contents() for k, f in reader.fields.items() if not k.startswith("GGUF.")}
+
+
+def gguf_tensors(path: Path) -> dict[str, tuple[np.ndarray, str]]:
+    """name → (float32 array in numpy row-major order, GGML type name)."""
+    from gguf import GGUFReader
+    from gguf.quants import dequantize
+
+    reader = GGUFReader(path)
+    out = {}
+    for t in reader.tensors:
+        shape = tuple(int(d) for d in reversed(t.shape))
+        out[t.name] = (dequantize(t.data, t.tensor_type).reshape(shape).astype(np.float32), t.tensor_type.name)
+    return out
+
+
+def _rms_norm(x: np.ndarray, w: np.ndarray, eps: float) -> np.ndarray:
+    x64 = x.astype(np.float64)
+    return (x64 / np.sqrt((x64 * x64).mean(-1, keepdims=True) + eps)) * w
+
+
+def _rope(x: np.ndarray, pos: np.ndarray, base: float, n_rot: int, neox: bool, freq_factors: np.ndarray | None,
+          freq_scale: float) -> np.ndarray:
+    """llama.cpp's ggml_rope: theta_i = pos * freq_scale * base^(-2i/n_rot) / freq_factors[i].
+    Normal mode rotates (x[2i], x[2i+1]); NEOX mode rotates (x[i], x[i + n_rot/2])."""
+    i = np.arange(n_rot // 2)
+    theta = pos[:, None] * freq_scale * base ** (-2.0 * i / n_rot)
+    if freq_factors is not None:
+        theta = theta / freq_factors[None, :]
+    cos, sin = np.cos(theta)[:, None, :], np.sin(theta)[:, None, :]  # [T, 1, n_rot/2]
+    out = x.copy()
+    if neox:
+        a, b = x[..., : n_rot // 2], x[..., n_rot // 2: n_rot]
+        out[..., : n_rot // 2] = a * cos - b * sin
+        out[..., n_rot // 2: n_rot] = a * sin + b * cos
+    else:
+        a, b = x[..., 0:n_rot:2], x[..., 1:n_rot:2]
+        out[..., 0:n_rot:2] = a * cos - b * sin
+        out[..., 1:n_rot:2] = a * sin + b * cos
+    return out
+
+
+def gguf_forward(path: Path, ids: list[int]) -> np.ndarray:
+    """Logits [T, V] computed from the GGUF's metadata and tensors alone, the way llama.cpp computes them."""
+    f = gguf_fields(path)
+    arch = f["general.architecture"]
+    t = {k: v for k, (v, _) in gguf_tensors(path).items()}
+    n_layer, n_head = f[f"{arch}.block_count"], f[f"{arch}.attention.head_count"]
+    n_head_kv, eps = f[f"{arch}.attention.head_count_kv"], f[f"{arch}.attention.layer_norm_rms_epsilon"]
+    n_rot, base = f[f"{arch}.rope.dimension_count"], f[f"{arch}.rope.freq_base"]
+    freq_scale = 1.0 / f[f"{arch}.rope.scaling.factor"] if f.get(f"{arch}.rope.scaling.type") == "linear" else 1.0
+    neox = arch == "qwen2"  # LLAMA_ROPE_TYPE_NORM for llama, NEOX for qwen2
+    x = t["token_embd.weight"][ids].astype(np.float64)
+    T = len(ids)
+    pos = np.arange(T, dtype=np.float64)
+    head_dim = x.shape[1] // n_head
+    mask = np.triu(np.full((T, T), -np.inf), k=1)
+    for layer in range(n_layer):
+        p = f"blk.{layer}."
+        h = _rms_norm(x, t[p + "attn_norm.weight"], eps)
+        q = h @ t[p + "attn_q.weight"].T + t.get(p + "attn_q.bias", 0)
+        k = h @ t[p + "attn_k.weight"].T + t.get(p + "attn_k.bias", 0)
+        v = h @ t[p + "attn_v.weight"].T + t.get(p + "attn_v.bias", 0)
+        q = _rope(q.reshape(T, n_head, head_dim), pos, base, n_rot, neox, t.get("rope_freqs.weight"), freq_scale)
+        k = _rope(k.reshape(T, n_head_kv, head_dim), pos, base, n_rot, neox, t.get("rope_freqs.weight"), freq_scale)
+        v = v.reshape(T, n_head_kv, head_dim)
+        group = n_head // n_head_kv
+        heads = []
+        for hd in range(n_head):
+            scores = q[:, hd] @ k[:, hd // group].T / np.sqrt(head_dim) + mask
+            scores = np.exp(scores - scores.max(-1, keepdims=True))
+            heads.append((scores / scores.sum(-1, keepdims=True)) @ v[:, hd // group])
+        x = x + np.concatenate(heads, axis=-1) @ t[p + "attn_output.weight"].T
+        h = _rms_norm(x, t[p + "ffn_norm.weight"], eps)
+        gate = h @ t[p + "ffn_gate.weight"].T
+        x = x + ((gate / (1 + np.exp(-gate))) * (h @ t[p + "ffn_up.weight"].T)) @ t[p + "ffn_down.weight"].T
+    x = _rms_norm(x, t["output_norm.weight"], eps)
+    return (x @ t.get("output.weight", t["token_embd.weight"]).T).astype(np.float32)
+
+
+# ---- a tiny Go text/template interpreter (the subset the shipped Ollama templates use) ----------------------------
+
+_ACTION = re.compile(r"\{\{(- )?(.*?)( -)?\}\}", re.S)
+_WS = " \t\r\n"
+
+
+def _lex(src: str) -> list[tuple[str, str]]:
+    """[('text', s) | ('action', s)] with Go's {{- and -}} whitespace trimming applied."""
+    items: list[tuple[str, str]] = []
+    pos, trim_next = 0, False
+    for m in _ACTION.finditer(src):
+        text = src[pos:m.start()]
+        if trim_next:
+            text = text.lstrip(_WS)
+        if m.group(1):
+            text = text.rstrip(_WS)
+        items.append(("text", text))
+        items.append(("action", m.group(2).strip()))
+        trim_next, pos = bool(m.group(3)), m.end()
+    tail = src[pos:]
+    items.append(("text", tail.lstrip(_WS) if trim_next else tail))
+    return items
+
+
+def _parse(items: list[tuple[str, str]], i: int = 0, stop: tuple[str, ...] = ()) -> tuple[list, int, str]:
+    nodes: list = []
+    while i < len(items):
+        kind, val = items[i]
+        if kind == "text":
+            nodes.append(("text", val))
+            i += 1
+            continue
+        word = val.split(" ", 1)[0]
+        if word in stop or (val.startswith("else") and "else" in stop):
+            return nodes, i, val
+        if word == "if":
+            branches, default = [], None
+            cond = val[3:].strip()
+            while True:
+                body, i, closer = _parse(items, i + 1, ("end", "else"))
+                branches.append((cond, body))
+                if closer == "end":
+                    break
+                if closer.startswith("else if "):
+                    cond = closer[len("else if "):].strip()
+                    continue
+                default, i, closer = _parse(items, i + 1, ("end",))
+                break
+            nodes.append(("if", branches, default))
+        elif word == "range":
+            body, i, _ = _parse(items, i + 1, ("end",))
+            nodes.append(("range", val[6:].strip(), body))
+        else:
+            nodes.append(("out", val))
+        i += 1
+    if stop:
+        raise ValueError(f"unclosed block, expected {stop}")
+    return nodes, i, ""
+
+
+def _tokens(expr: str) -> list[str]:
+    return re.findall(r'"(?:\\.|[^"\\])*"|\S+', expr)
+
+
+def _value(tok: str, dot: Any, root: Any) -> Any:
+    if tok.startswith('"'):
+        return json.loads(tok)
+    if tok == ".":
+        return dot
+    if tok.startswith("$."):
+        return root[tok[2:]]
+    if tok.startswith("."):
+        return dot[tok[1:]]
+    raise ValueError(f"unsupported Go template operand {tok!r}")
+
+
+def _eval(expr: str, dot: Any, root: Any) -> Any:
+    toks = _tokens(expr)
+    fn, args = toks[0], toks[1:]
+    if fn == "eq":
+        first = _value(args[0], dot, root)
+        return any(first == _value(a, dot, root) for a in args[1:])
+    if fn == "ne":
+        return _value(args[0], dot, root) != _value(args[1], dot, root)
+    if fn == "not":
+        return not _value(args[0], dot, root)
+    if fn in ("and", "or"):
+        vals = [_value(a, dot, root) for a in args]
+        return all(vals) if fn == "and" else any(vals)
+    if args:
+        raise ValueError(f"unsupported Go template function {fn!r}")
+    return _value(fn, dot, root)
+
+
+def _exec(nodes: list, dot: Any, root: Any, out: list[str]) -> None:
+    for node in nodes:
+        if node[0] == "text":
+            out.append(node[1])
+        elif node[0] == "out":
+            val = _eval(node[1], dot, root)
+            out.append("" if val is None else str(val))
+        elif node[0] == "if":
+            for cond, body in node[1]:
+                if _eval(cond, dot, root):
+                    _exec(body, dot, root, out)
+                    break
+            else:
+                if node[2] is not None:
+                    _exec(node[2], dot, root, out)
+        elif node[0] == "range":
+            for item in _eval(node[1], dot, root) or []:
+                _exec(node[2], item, root, out)
+
+
+def go_render(template: str, data: dict[str, Any]) -> str:
+    nodes, _, _ = _parse(_lex(template))
+    out: list[str] = []
+    _exec(nodes, data, data, out)
+    return "".join(out)
+
+
+def ollama_prompt(template: str, messages: list[dict[str, str]], modelfile_system: str | None) -> str:
+    """What Ollama's chat endpoint renders: SYSTEM becomes a leading system message when the request has none;
+    consecutive same-role messages are joined with a blank line (server/prompt.go, template.collate)."""
+    msgs = [dict(m) for m in messages]
+    if modelfile_system and (not msgs or msgs[0]["role"] != "system"):
+        msgs.insert(0, {"role": "system", "content": modelfile_system})
+    collated: list[dict[str, str]] = []
+    for m in msgs:
+        if collated and collated[-1]["role"] == m["role"]:
+            collated[-1]["content"] += "\n\n" + m["content"]
+        else:
+            collated.append(dict(m))
+    system = "\n\n".join(m["content"] for m in msgs if m["role"] == "system")
+    data = {"System": system, "Prompt": "", "Response": "",
+            "Messages": [{"Role": m["role"], "Content": m["content"]} for m in collated]}
+    return go_render(template, data)
