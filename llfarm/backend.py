@@ -158,6 +158,18 @@ def get_backend(name: str) -> Backend:
     return backends[name]
 
 
+def plan_platform(strategy: Strategy, here: Platform, requested: str | None = None) -> Platform:
+    """The platform `llfarm plan` compiles for. Planning runs nothing, so a backend named explicitly (not auto)
+    that needs a CUDA GPU this machine lacks (Unsloth; 4-bit QLoRA) is planned for one; `run` still checks the
+    machine. With `auto` the plan is for this machine, so it shows the backend `run` would pick here."""
+    backend = registry().get(requested or strategy.backend)
+    if backend is None or here.name == "cuda" or "cuda" not in backend.capabilities.platforms:
+        return here
+    if here.name in backend.capabilities.platforms and strategy.quantization != "4bit":
+        return here
+    return Platform("cuda", f"planned for a CUDA GPU; this machine has {here.accelerator}", bf16=True)
+
+
 def choose_backend(strategy: Strategy, platform: Platform, requested: str | None = None) -> Backend:
     """The backend named by --backend or the strategy; for 'auto', the first one that can run here."""
     name = requested or strategy.backend

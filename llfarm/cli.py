@@ -135,10 +135,11 @@ def plan(strategy: str, backend: str | None, overrides: tuple[str, ...], out: Pa
     """Resolve, validate and compile a strategy; print the native config. Runs nothing."""
     import tempfile
 
+    from .platform import detect
     from .runner import create_run, prepare_run
     from .strategy import resolve
     res = resolve(strategy, overrides)
-    prep = prepare_run(res, backend)
+    prep = prepare_run(res, backend, plan=True)
     with tempfile.TemporaryDirectory(prefix="llfarm-plan-") as tmp:
         root = out or Path(tmp)
         ctx, native = create_run(prep, root.parent if out else root, run_id=root.name if out else "plan")
@@ -148,6 +149,8 @@ def plan(strategy: str, backend: str | None, overrides: tuple[str, ...], out: Pa
         click.echo(f"# stage: {s.stage}")
         click.echo(f"# method: {s.method.type}")
         click.echo(f"# platform: {prep.platform.name} (precision {prep.precision})")
+        if prep.platform != detect():       # planned for hardware this machine lacks (backend.plan_platform)
+            click.echo(f"# note: {prep.platform.accelerator}; `llfarm run` needs one")
         click.echo(f"# model: {prep.model_path}")
         click.echo(f"# data: {prep.data.n_train} train / {prep.data.n_eval} eval ({prep.data.source_format})")
         click.echo(f"# steps: {native.total_steps}")

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__
-from .backend import Backend, CompileContext, NativePlan, RunResult, choose_backend
+from .backend import Backend, CompileContext, NativePlan, RunResult, choose_backend, plan_platform
 from .data import PreparedData, prepare, total_steps
 from .errors import DataError, LlfarmError, RunError
 from .models import resolve_model
@@ -45,10 +45,11 @@ class Prepared:
     precision: str
 
 
-def prepare_run(resolved: Resolved, backend: str | None = None) -> Prepared:
-    """Every check that can fail on bad input, before anything is written."""
+def prepare_run(resolved: Resolved, backend: str | None = None, *, plan: bool = False) -> Prepared:
+    """Every check that can fail on bad input, before anything is written. ``plan``: compile only (see
+    backend.plan_platform), so a named backend is not refused for hardware this machine lacks."""
     strategy = resolved.strategy
-    plat = detect()
+    plat = plan_platform(strategy, detect(), backend) if plan else detect()
     load_template(strategy.template)                  # unknown template → exit 2 now, not mid-run
     chosen = choose_backend(strategy, plat, backend)
     model_path = resolve_model(strategy.model.path)

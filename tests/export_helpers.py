@@ -114,6 +114,41 @@ def hf_to_llamacpp_rows(w: np.ndarray, n_head: int) -> np.ndarray:
     return out
 
 
+def llamacpp_to_hf_rows(w: np.ndarray, n_head: int) -> np.ndarray:
+    """The inverse of :func:`hf_to_llamacpp_rows`."""
+    head_dim = w.shape[0] // n_head
+    out = np.empty_like(w)
+    for h in range(n_head):
+        block = w[h * head_dim:(h + 1) * head_dim]
+        out[h * head_dim:h * head_dim + head_dim // 2] = block[0::2]
+        out[h * head_dim + head_dim // 2:(h + 1) * head_dim] = block[1::2]
+    return out
+
+
+def hf_logits_with_gguf_weights(model_dir: Path, gguf_path: Path, ids: list[int],
+                                names: dict[str, str]) -> np.ndarray:
+    """transformers' logits after loading the GGUF's (dequantized, un-permuted) tensors into the HF model:
+    isolates quantization error from conversion errors. ``names`` maps HF → GGUF tensor names."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    cfg = model.config
+    tensors = gguf_tensors(gguf_path)
+    llama = cfg.architectures[0] == "LlamaForCausalLM"
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if names[name] not in tensors:  # tied lm_head
+                continue
+            w = tensors[names[name]][0]
+            if llama and ".q_proj." in name:
+                w = llamacpp_to_hf_rows(w, cfg.num_attention_heads)
+            elif llama and ".k_proj." in name:
+                w = llamacpp_to_hf_rows(w, cfg.num_key_value_heads)
+            param.copy_(torch.from_numpy(w))
+        return model(torch.tensor([ids])).logits[0].float().numpy()
+
+
 # ---- reading a GGUF and running it in numpy ------------------------------------------------------------------------
 
 def gguf_fields(path: Path) -> dict[str, Any]:
@@ -337,3 +372,83 @@ def ollama_prompt(template: str, messages: list[dict[str, str]], modelfile_syste
     data = {"System": system, "Prompt": "", "Response": "",
             "Messages": [{"Role": m["role"], "Content": m["content"]} for m in collated]}
     return go_render(template, data)
+
+
+# ---- Ollama's Modelfile parser (a port of parser/parser.go ParseFile) ----------------------------------------------
+
+def _unquote(s: str) -> tuple[str, bool]:
+    if s.startswith('"""'):
+        return (s[3:-3], True) if len(s) >= 6 and s.endswith('"""') else ("", False)
+    if s.startswith('"'):
+        return (s[1:-1], True) if len(s) >= 2 and s.endswith('"') else ("", False)
+    return s, True
+
+
+def _next_state(r: str, state: str) -> tuple[str, str]:
+    space, newline = r in " \t", r in "\r\n"
+    if state == "nil":
+        return ("comment", "") if r == "#" else ("nil", "") if space or newline else ("name", r)
+    if state == "name":
+        if r.isascii() and r.isalpha():
+            return "name", r
+        if space:
+            return "value", ""
+        raise ValueError("command must be one of from, template, system, parameter, ...")
+    if state == "value":
+        return ("nil", r) if space or newline else ("value", r)
+    if state == "parameter":
+        if (r.isascii() and r.isalnum()) or r == "_":
+            return "parameter", r
+        if space:
+            return "value", ""
+        raise ValueError("unexpected EOF in parameter")
+    if state == "message":
+        if r.isascii() and r.isalpha():
+            return "message", r
+        if space:
+            return "value", ""
+        raise ValueError("unexpected EOF in message")
+    return ("nil", "") if newline else ("comment", "")
+
+
+def parse_modelfile(text: str) -> list[tuple[str, str]]:
+    """[(command, args)] exactly as Ollama reads a Modelfile (FROM is reported as 'model')."""
+    commands: list[tuple[str, str]] = []
+    state, buf, name, role = "nil", "", "", ""
+    for ch in text:
+        nxt, r = _next_state(ch, state)
+        if nxt != state:
+            if state == "name":
+                word = buf.lower()
+                if word not in ("from", "license", "template", "system", "adapter", "parameter", "message"):
+                    raise ValueError(f"invalid command {buf!r}")
+                if word == "from":
+                    name = "model"
+                elif word == "parameter":
+                    nxt = "parameter"
+                elif word == "message":
+                    nxt, name = "message", word
+                else:
+                    name = word
+            elif state == "parameter":
+                name = buf
+            elif state == "message":
+                role = buf
+            elif state == "value":
+                value, ok = _unquote(buf.strip())
+                if not ok or r in (" ", "\t"):
+                    buf += r
+                    continue
+                commands.append((name, f"{role}: {value}" if role else value))
+                role = ""
+            buf, state = "", nxt
+        if r and r.isprintable():
+            buf += r
+    if state == "value":
+        value, ok = _unquote(buf.strip())
+        if not ok:
+            raise ValueError("unexpected EOF: unterminated quoted value")
+        commands.append((name, value))
+    elif state not in ("nil", "comment"):
+        raise ValueError("unexpected EOF")
+    return commands

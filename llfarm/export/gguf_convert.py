@@ -282,7 +282,7 @@ def plan_tensors(hp: HParams, source: dict[str, SourceTensor], quant: str) -> li
         raise ExportError("tie_word_embeddings is false but the checkpoint has no lm_head.weight",
                           where=str(next(iter(source.values())).file))
     if hp.rope_scaling.get("rope_type", hp.rope_scaling.get("type")) == "llama3":
-        planned.append(PlannedTensor(gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS], (hp.head_dim // 2,),
+        planned.append(PlannedTensor(gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight", (hp.head_dim // 2,),
                                      gguf.GGMLQuantizationType.F32, None))
     return planned
 
@@ -301,7 +301,7 @@ def tensor_data(hp: HParams, pt: PlannedTensor) -> np.ndarray:
             if pt.source.name.endswith(("q_proj.weight", "q_proj.bias")):
                 data = permute_qk(data, hp.n_head)
             elif pt.source.name.endswith(("k_proj.weight", "k_proj.bias")):
-                data = permute_qk(data, hp.n_head_kv)
+                pass
     out = gguf.quants.quantize(np.ascontiguousarray(data), pt.qtype)
     return np.ascontiguousarray(out)
 

@@ -1,0 +1,54 @@
+"""CLI surface: help, backends, plan for every shipped strategy, lazy imports."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+from conftest import llfarm
+from test_strategy import SHIPPED
+
+
+def test_help_lists_commands():
+    proc = llfarm("--help")
+    assert proc.returncode == 0
+    for cmd in ("strategies", "validate", "backends", "plan", "run", "resume", "generate", "export"):
+        assert cmd in proc.stdout
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["plan", "quickstart"], ["validate", "dpo"], ["backends"]])
+def test_fast_commands_do_not_import_heavy_libraries(argv):
+    code = ("import sys\nfrom llfarm.cli import cli\n"
+            f"try:\n    cli({argv!r}, prog_name='llfarm')\nexcept SystemExit as e:\n    assert e.code in (0, None), e.code\n"
+            "heavy = sorted(m for m in ('torch', 'transformers', 'peft', 'trl', 'llamafactory', 'unsloth', "
+            "'datasets', 'matplotlib') if m in sys.modules)\nprint('HEAVY', heavy)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd="/")
+    assert proc.returncode == 0, proc.stderr
+    assert "HEAVY []" in proc.stdout, proc.stdout[-500:]
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_every_shipped_strategy_plans(name, tmp_path):
+    proc = llfarm("plan", name, "--out", str(tmp_path / "plan"))
+    assert proc.returncode == 0, proc.stderr
+    header = proc.stdout.splitlines()
+    assert any(line.startswith("# backend: ") for line in header)
+    assert any(line == f"# stage: {'sft' if name not in ('dpo', 'reward_model') else {'dpo': 'dpo', 'reward_model': 'rm'}[name]}"
+               for line in header)
+    assert (tmp_path / "plan" / "native" / "command.txt").is_file()
+
+
+def test_plan_backend_flag_switches_backend(tmp_path):
+    proc = llfarm("plan", "quickstart", "--backend", "llamafactory")
+    assert proc.returncode == 0, proc.stderr
+    assert "# backend: llamafactory" in proc.stdout.splitlines()
+
+
+def test_backends_lists_every_backend():
+    proc = llfarm("backends")
+    assert proc.returncode == 0
+    out = proc.stdout
+    for name in ("pytorch", "llamafactory", "unsloth"):
+        assert f"\n{name} " in out
+    assert "broken" not in out
