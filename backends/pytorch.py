@@ -61,6 +61,7 @@ class PytorchBackend(Backend):
             "outputs": {"adapter": str(run.adapter), "model": str(run.model), "checkpoints": str(run.checkpoints),
                         "metrics": str(run.metrics_path), "final": str(run.native / "final_metrics.json")},
             "resume_from": str(ctx.resume_from) if ctx.resume_from else None,
+            "deepspeed": write_deepspeed(s.distributed.deepspeed, run.native),
             "total_steps": steps,
         }
         path = run.native / "train_config.json"
@@ -82,6 +83,29 @@ class PytorchBackend(Backend):
         out = run.adapter if kind == "adapter" else run.model
         return RunResult(output_kind=kind, output_dir=out,
                          final_metrics=read_json(run.native / "final_metrics.json"))
+
+
+def write_deepspeed(spec: str | None, native: Path) -> str | None:
+    """zero2 / zero3 → a standard DeepSpeed JSON in native/; a user's JSON is copied there as given."""
+    if spec is None:
+        return None
+    path = native / "deepspeed.json"
+    if spec in ("zero2", "zero3"):
+        stage = int(spec[-1])
+        config = {"train_batch_size": "auto", "train_micro_batch_size_per_gpu": "auto",
+                  "gradient_accumulation_steps": "auto", "gradient_clipping": "auto",
+                  "bf16": {"enabled": "auto"}, "fp16": {"enabled": "auto"},
+                  "zero_optimization": {"stage": stage, "overlap_comm": True, "contiguous_gradients": True,
+                                        **({"stage3_gather_16bit_weights_on_model_save": True} if stage == 3 else {})}}
+        atomic_write_text(path, json.dumps(config, indent=2) + "\n")
+        return str(path)
+    src = Path(spec)
+    if not src.is_file():
+        from llfarm.errors import StrategyError
+        raise StrategyError([f"DeepSpeed config not found: {spec}"], where="distributed.deepspeed",
+                            hint="use zero2, zero3, or a path to a DeepSpeed JSON file")
+    atomic_write_text(path, src.read_text(encoding="utf-8"))
+    return str(path)
 
 
 backend = PytorchBackend()

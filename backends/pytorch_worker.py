@@ -125,6 +125,8 @@ def training_args(cfg: dict[str, Any]) -> dict[str, Any]:
         report_to="none", disable_tqdm=True, dataloader_num_workers=0, remove_unused_columns=False,
         include_num_input_tokens_seen=True,
     )
+    if cfg.get("deepspeed"):
+        args["deepspeed"] = cfg["deepspeed"]
     args.update(cfg.get("options") or {})
     args.pop("overwrite_output_dir", None)
     return args

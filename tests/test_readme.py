@@ -1,0 +1,38 @@
+"""The README documents what exists: every strategy key, every command, and the CI's install/test commands."""
+
+from __future__ import annotations
+
+from conftest import REPO
+from pydantic import BaseModel
+
+from llfarm.cli import cli
+from llfarm.schema import Strategy
+
+README = (REPO / "README.md").read_text(encoding="utf-8")
+
+
+def keys(model: type[BaseModel], prefix: str = ""):
+    for name, field in model.model_fields.items():
+        ann = field.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            yield from keys(ann, f"{prefix}{name}.")
+        else:
+            yield prefix + name
+
+
+def test_every_strategy_key_is_in_the_reference():
+    missing = [k for k in keys(Strategy) if f"`{k}`" not in README]
+    assert not missing, f"README strategy reference lacks {missing}"
+
+
+def test_every_command_is_documented():
+    names = [n for n in cli.commands if n != "strategies"] + ["strategies list", "strategies show"]
+    missing = [n for n in names if f"llfarm {n}" not in README]
+    assert not missing
+
+
+def test_ci_runs_the_readme_commands():
+    ci = (REPO / ".ci" / "run").read_text()
+    assert 'pip install -q -c constraints.txt ".[dev]"' in ci
+    assert 'pip install -c constraints.txt ".[dev]"' in README
+    assert ".venv/bin/pytest -q" in ci and ".venv/bin/pytest -q" in README
