@@ -301,7 +301,7 @@ def tensor_data(hp: HParams, pt: PlannedTensor) -> np.ndarray:
             if pt.source.name.endswith(("q_proj.weight", "q_proj.bias")):
                 data = permute_qk(data, hp.n_head)
             elif pt.source.name.endswith(("k_proj.weight", "k_proj.bias")):
-                pass
+                data = permute_qk(data, hp.n_head_kv)
     out = gguf.quants.quantize(np.ascontiguousarray(data), pt.qtype)
     return np.ascontiguousarray(out)
 
