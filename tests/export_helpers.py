@@ -237,7 +237,7 @@ def gguf_forward(path: Path, ids: list[int]) -> np.ndarray:
 
 # ---- a tiny Go text/template interpreter (the subset the shipped Ollama templates use) ----------------------------
 
-_ACTION = re.compile(r"\{\{(- )?(.*?)( -)?\}\}", re.S)
+_ACTION = re.compile(r"\{\{(- )?(.*?)( -)?\}\}", re.DOTALL)
 _WS = " \t\r\n"
 
 

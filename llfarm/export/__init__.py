@@ -26,7 +26,7 @@ from ..rundir import RunDir
 from ..templates import ChatTemplate, load_template
 from .modelfile import ollama_create_command, ollama_template, render_modelfile
 
-__all__ = ["FORMATS", "QUANTS", "export_run", "export_name", "ollama_create_command"]
+__all__ = ["FORMATS", "QUANTS", "export_name", "export_run", "ollama_create_command"]
 
 FORMATS = ("merged", "gguf", "ollama")
 QUANTS = ("f32", "f16", "q8_0")
