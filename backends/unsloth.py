@@ -230,6 +230,10 @@ def render_script(stage: str, peft: bool, load_4bit: bool, method: str, strategy
         if not (method == "lora" and load_4bit) else "LoRA on a 4-bit base",
         trainer="SFTTrainer" if sft else "DPOTrainer",
         output_what="LoRA adapter" if peft else "full model",
+        load_note=(" in 4 bits (QLoRA: bitsandbytes NF4)" if load_4bit else "") +
+        ("" if peft else " for full fine-tuning (every weight trains)"),
+        ref_note="the reference is the base model (adapters disabled)" if peft
+        else "TRL keeps a frozen copy of the starting model as the reference",
         script_name=SCRIPT, config_name=CONFIG,
         compat_imports="fix_trl_availability_flags" if sft else "ensure_warnings_issued, fix_trl_availability_flags",
         train_common_imports="tokenize_sft, tokenizer_for_template" if sft
