@@ -102,7 +102,8 @@ class Backend:
         missing = self.missing_packages()
         if missing:
             raise BackendUnavailable(
-                f"backend '{self.name}' needs {', '.join(missing)}, which is not installed",
+                f"backend '{self.name}' needs {', '.join(missing)}, which "
+                f"{'is' if len(missing) == 1 else 'are'} not installed",
                 hint=f'pip install "llfarm[{self.extra}]"' if self.extra else None)
 
     def check_capabilities(self, strategy: Strategy, platform: Platform) -> None:

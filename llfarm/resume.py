@@ -28,6 +28,6 @@ def resume_run(run_dir: Path, max_steps: int | None = None):
                          data=prep.data, precision=prep.precision, resume_from=ckpt)
     native = backend.compile(ctx)
     write_command(run, native)
-    run.update_manifest(status="resuming", resumed_from=str(ckpt.relative_to(run.root)),
+    run.update_manifest(resumed_from=str(ckpt.relative_to(run.root)),
                         total_steps=native.total_steps)
     return ctx, native, backend
