@@ -300,3 +300,27 @@ def test_unknown_pre_tokenizer_is_refused(exports, tmp_path):
     (model / "tokenizer.json").write_text(json.dumps(tj))
     with pytest.raises(ExportError, match="pre-tokenizer"):
         convert(model, tmp_path / "x.gguf", quant="f16", name="x")
+
+
+LLAMA3_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
+                r"\s*[\r\n]+|\s+(?!\S)|\s+")
+
+
+@pytest.mark.parametrize("regex, pre", [(LLAMA3_REGEX, "llama-bpe"),
+                                        (LLAMA3_REGEX.replace(r"\p{N}{1,3}", r"\p{N}"), "qwen2"),
+                                        (None, "gpt-2")])
+def test_pre_tokenizer_detection(regex, pre):
+    """The pre-tokenizer JSON the `tokenizers` library writes for Llama 3 / Qwen2 / GPT-2 style tokenizers."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+
+    from llfarm.export.gguf_convert import detect_pre
+
+    tok = Tokenizer(models.BPE())
+    tok.decoder = decoders.ByteLevel()
+    if regex is None:
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    else:
+        tok.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(regex), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    assert detect_pre(json.loads(tok.to_str()), "x") == pre

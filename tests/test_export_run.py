@@ -173,6 +173,8 @@ def test_export_name():
 
 def test_ollama_create_command_quotes_paths():
     assert ollama_create_command(Path("/a b/Modelfile"), "m") == "ollama create m -f '/a b/Modelfile'"
+    # the same name the files and the Modelfile's own comment use, valid for Ollama
+    assert ollama_create_command(Path("Modelfile"), "My Model") == "ollama create my-model -f Modelfile"
 
 
 def test_cli_refusals_exit_2_with_one_line(runs, tmp_path):

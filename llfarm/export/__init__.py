@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -24,7 +23,8 @@ from typing import Any
 from ..errors import ExportError, LlfarmError, did_you_mean, one_of
 from ..rundir import RunDir
 from ..templates import ChatTemplate, load_template
-from .modelfile import ollama_create_command, ollama_template, render_modelfile
+from .merge import has_tokenizer
+from .modelfile import model_name, ollama_create_command, ollama_template, render_modelfile
 
 __all__ = ["FORMATS", "QUANTS", "export_name", "export_run", "ollama_create_command"]
 
@@ -33,20 +33,14 @@ QUANTS = ("f32", "f16", "q8_0")
 
 
 def export_name(run_dir: Path, name: str | None = None) -> str:
-    """The model name used for file names and ``ollama create``: ``name``, else the strategy name, else the run id.
-
-    Lower-cased, with anything but letters, digits, ``.``, ``_`` and ``-`` turned into ``-`` (what Ollama accepts).
-    """
+    """The model name used for file names and ``ollama create``: ``name``, else the strategy name, else the run id,
+    made into a name Ollama accepts (see :func:`~llfarm.export.modelfile.model_name`)."""
     if name is None:
         try:
             name = RunDir(Path(run_dir)).read_manifest().get("strategy_name")
         except LlfarmError:  # no readable manifest: the run dir's own name is a fine fallback
             name = None
-        name = name or Path(run_dir).resolve().name
-    slug = re.sub(r"[^a-z0-9._-]+", "-", str(name).lower()).strip("-.")
-    if not slug:
-        raise ExportError(f"'{name}' gives an empty model name", where="--name", hint="use letters, digits, . _ -")
-    return slug
+    return model_name(name or Path(run_dir).resolve().name)
 
 
 def export_run(run_dir: Path, formats: list[str], quant: str = "q8_0", out: Path | None = None,
@@ -110,7 +104,7 @@ def _plan(run_dir: Path, formats: list[str], quant: str, out: Path | None, name:
     if adapter is not None:
         base = _resolve_base(manifest, adapter)
 
-    tokenizer_dir = source if adapter is None or _has_tokenizer(adapter) else None
+    tokenizer_dir = source if adapter is None or has_tokenizer(adapter) else None
     eos_token = _eos_token(tokenizer_dir, base)
     if "ollama" in wanted:
         ollama_template(template, eos_token)  # raises when the template has no Ollama form
@@ -149,12 +143,6 @@ def _resolve_base(manifest: dict[str, Any], adapter: Path) -> str:
         raise ExportError("neither manifest.json nor adapter_config.json names the base model", where=str(adapter),
                           hint="add model_path to manifest.json")
     return resolve_model(str(ref))
-
-
-def _has_tokenizer(path: Path) -> bool:
-    from .merge import has_tokenizer
-
-    return has_tokenizer(path)
 
 
 def _model_file(local_dir: Path | None, base: str | None, filename: str) -> Path | None:

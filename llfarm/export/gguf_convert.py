@@ -47,6 +47,9 @@ SPLIT_REGEX_PRE = {
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+":
         "qwen2",
     GPT2_REGEX: "gpt-2",
+    r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+|[^\r\n\p{L}\p{N}]?"
+    r"[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+":
+        "tekken",  # Mistral Nemo
 }
 SAFETENSORS_DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16}
 HINT_UPSTREAM = "export --format merged, then convert exports/merged with llama.cpp's convert_hf_to_gguf.py"
@@ -172,7 +175,7 @@ def detect_pre(tokenizer_json: dict[str, Any], where: str) -> str:
     model = tokenizer_json.get("model") or {}
     decoder = tokenizer_json.get("decoder") or {}
     if model.get("type") != "BPE" or model.get("byte_fallback") or decoder.get("type") != "ByteLevel":
-        raise ExportError(f"only byte-level BPE tokenizers (GPT-2 / Llama 3 / Qwen2 style) are supported; got "
+        raise ExportError(f"only byte-level BPE tokenizers (GPT-2, Llama 3, Qwen2, Tekken) are supported; got "
                           f"{model.get('type')} with a {decoder.get('type')} decoder", where=where, hint=HINT_UPSTREAM)
     pre = tokenizer_json.get("pre_tokenizer") or {}
     steps = pre.get("pretokenizers", [pre]) if pre.get("type") == "Sequence" else [pre]
@@ -185,7 +188,7 @@ def detect_pre(tokenizer_json: dict[str, Any], where: str) -> str:
         regex = None
     if regex not in SPLIT_REGEX_PRE:
         raise ExportError("the tokenizer's pre-tokenizer is not one llama.cpp is known to implement "
-                          "(known: GPT-2, Llama 3, Qwen2)", where=where, hint=HINT_UPSTREAM)
+                          "(known: GPT-2, Llama 3, Qwen2, Tekken)", where=where, hint=HINT_UPSTREAM)
     return SPLIT_REGEX_PRE[regex]
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import shlex
 from pathlib import Path
 
@@ -45,6 +46,15 @@ def render_modelfile(gguf_name: str, template: ChatTemplate, *, eos_token: str |
     return "\n".join(lines) + "\n"
 
 
+def model_name(name: str) -> str:
+    """A name Ollama accepts and files can carry: lower case; anything but letters, digits, ``.``, ``_``, ``-``
+    becomes ``-``."""
+    slug = re.sub(r"[^a-z0-9._-]+", "-", str(name).lower()).strip("-.")
+    if not slug:
+        raise ExportError(f"'{name}' gives an empty model name", where="--name", hint="use letters, digits, . _ -")
+    return slug
+
+
 def ollama_create_command(modelfile: Path, name: str) -> str:
-    """The shell command that registers an exported model with Ollama."""
-    return f"ollama create {shlex.quote(name)} -f {shlex.quote(str(modelfile))}"
+    """The shell command that registers an exported model with Ollama (``name`` made valid by model_name)."""
+    return f"ollama create {model_name(name)} -f {shlex.quote(str(modelfile))}"
