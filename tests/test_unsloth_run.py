@@ -122,12 +122,21 @@ def test_sft_script_runs_with_the_stand_in_and_trains_on_the_pytorch_tokens(stan
 
 
 @pytest.mark.slow
-def test_dpo_script_runs_with_the_stand_in(stand_in, tmp_path):
+def test_dpo_script_runs_with_the_stand_in_and_resumes(stand_in, tmp_path):
     proc = run(DPO, "unsloth", tmp_path / "u", *FP32, "training.max_steps=4", "training.logging_steps=1",
-               env=stand_in)
+               "training.save_every=2", env=stand_in)
     run_dir = run_dir_from(proc)
     check_run_dir(run_dir, "dpo", "adapter")
     assert any("reward_margin" in r for r in metrics(run_dir))
+    # resume compiles the same script with resume_from set and continues after the latest checkpoint
+    resumed = llfarm("resume", str(run_dir), "--max-steps", "6", env=stand_in)
+    assert run_dir_from(resumed) == run_dir
+    m = manifest(run_dir)
+    assert m["status"] == "completed" and m["resumed_from"] == "checkpoints/checkpoint-4"
+    assert json.loads((run_dir / "native" / "unsloth_config.json").read_text())["resume_from"].endswith(
+        "checkpoint-4")
+    steps = [r["step"] for r in metrics(run_dir) if "loss" in r]
+    assert max(steps) == 6 and steps.count(4) == 1
 
 
 @pytest.mark.slow
