@@ -24,7 +24,7 @@ from ..errors import ExportError, LlfarmError, did_you_mean, one_of
 from ..rundir import RunDir
 from ..templates import ChatTemplate, load_template
 from .merge import has_tokenizer
-from .modelfile import model_name, ollama_create_command, ollama_template, render_modelfile
+from .modelfile import model_name, ollama_create_command, render_modelfile
 
 __all__ = ["FORMATS", "QUANTS", "export_name", "export_run", "ollama_create_command"]
 
@@ -106,8 +106,7 @@ def _plan(run_dir: Path, formats: list[str], quant: str, out: Path | None, name:
 
     tokenizer_dir = source if adapter is None or has_tokenizer(adapter) else None
     eos_token = _eos_token(tokenizer_dir, base)
-    if "ollama" in wanted:
-        ollama_template(template, eos_token)  # raises when the template has no Ollama form
+    if "ollama" in wanted:  # raises when the template has no Ollama form or the system prompt cannot be quoted
         render_modelfile("x.gguf", template, eos_token=eos_token, system=manifest.get("system"), model_name="x")
     if needs_gguf:
         _check_gguf_source(source if adapter is None else None, base, tokenizer_dir)
@@ -172,7 +171,11 @@ def _eos_token(tokenizer_dir: Path | None, base: str | None) -> str | None:
 
 
 def _check_gguf_source(model_dir: Path | None, base: str | None, tokenizer_dir: Path | None) -> None:
-    from .gguf_convert import check_convertible
+    try:
+        from .gguf_convert import check_convertible
+    except ImportError as exc:
+        raise ExportError(f"the GGUF export needs the gguf package ({exc})", where="--format",
+                          hint="pip install 'llfarm[export]'") from None
 
     config = _model_file(model_dir, base, "config.json")
     if config is None:
