@@ -160,15 +160,26 @@ def get_backend(name: str) -> Backend:
 
 
 def plan_platform(strategy: Strategy, here: Platform, requested: str | None = None) -> Platform:
-    """The platform `llfarm plan` compiles for. Planning runs nothing, so a backend named explicitly (not auto)
-    that needs a CUDA GPU this machine lacks (Unsloth; 4-bit QLoRA) is planned for one; `run` still checks the
-    machine. With `auto` the plan is for this machine, so it shows the backend `run` would pick here."""
-    backend = registry().get(requested or strategy.backend)
-    if backend is None or here.name == "cuda" or "cuda" not in backend.capabilities.platforms:
+    """The platform `llfarm plan` compiles for. Planning runs nothing: when the backend asked for (or, for auto,
+    every backend) cannot run the strategy on this machine but could on a CUDA GPU (Unsloth; 4-bit QLoRA), the
+    plan is for a CUDA GPU, and `run` still checks the machine. Otherwise it is for this machine, so `auto` shows
+    the backend `run` would pick here."""
+    name = requested or strategy.backend
+    candidates = list(registry().values()) if name == "auto" else [registry()[name]] if name in registry() else []
+    gpu = Platform("cuda", f"planned for a CUDA GPU; this machine has {here.accelerator}", bf16=True)
+
+    def runs_on(plat: Platform) -> bool:
+        for backend in candidates:
+            try:
+                backend.check(strategy, plat)
+                return True
+            except (UnsupportedError, BackendUnavailable):
+                pass
+        return False
+
+    if here.name == "cuda" or runs_on(here) or not runs_on(gpu):
         return here
-    if here.name in backend.capabilities.platforms and strategy.quantization != "4bit":
-        return here
-    return Platform("cuda", f"planned for a CUDA GPU; this machine has {here.accelerator}", bf16=True)
+    return gpu
 
 
 def choose_backend(strategy: Strategy, platform: Platform, requested: str | None = None) -> Backend:

@@ -288,11 +288,17 @@ def test_auto_skips_unsloth_when_the_strategy_needs_what_it_lacks(tmp_path, over
     assert choose_backend(s, CUDA, "auto").name != "unsloth"
 
 
-def test_plan_platform_is_a_gpu_only_for_a_named_backend(tmp_path):
+def test_plan_platform(tmp_path):
+    """plan compiles for a CUDA GPU only when what was asked for cannot run here but could on one."""
     s = _strategy(tmp_path, "sft_lora")
     planned = plan_platform(s, CPU, "unsloth")
     assert planned.name == "cuda" and planned.bf16 and "planned for a CUDA GPU" in planned.accelerator
-    assert plan_platform(s, CPU, "auto") == CPU          # auto plans for this machine: what `run` would pick
-    assert plan_platform(s, CPU, "pytorch") == CPU       # pytorch runs here as is
-    assert plan_platform(s, CUDA, "unsloth") == CUDA
     get_backend("unsloth").check(s, planned)             # a planned GPU passes the hardware check
+    assert plan_platform(s, CPU, "auto") == CPU          # auto: pytorch runs it here, so plan what `run` picks
+    assert plan_platform(s, CPU, "pytorch") == CPU
+    assert plan_platform(s, CUDA, "unsloth") == CUDA
+    qlora = _strategy(tmp_path, "sft_qlora")
+    assert plan_platform(qlora, CPU, "auto").name == "cuda"      # nothing runs 4-bit here
+    assert plan_platform(qlora, CPU, "pytorch").name == "cuda"
+    rm = _strategy(tmp_path, "sft_lora", "stage=rm", "data.train=builtin:preference")
+    assert plan_platform(rm, CPU, "unsloth") == CPU      # not a hardware problem: the check will say why
