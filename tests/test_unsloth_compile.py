@@ -302,3 +302,13 @@ def test_plan_platform(tmp_path):
     assert plan_platform(qlora, CPU, "pytorch").name == "cuda"
     rm = _strategy(tmp_path, "sft_lora", "stage=rm", "data.train=builtin:preference")
     assert plan_platform(rm, CPU, "unsloth") == CPU      # not a hardware problem: the check will say why
+
+
+def test_script_template_ships_as_package_data():
+    """backends/unsloth_script.py.tmpl is not a module: pyproject must list it as package data of llfarm.backends."""
+    import fnmatch
+    import tomllib
+    pyproject = tomllib.loads((Path(__file__).resolve().parent.parent / "pyproject.toml").read_text())
+    patterns = pyproject["tool"]["setuptools"].get("package-data", {}).get("llfarm.backends", [])
+    assert any(fnmatch.fnmatch("unsloth_script.py.tmpl", p) for p in patterns), \
+        'add  "llfarm.backends" = ["*.tmpl"]  to [tool.setuptools.package-data] in pyproject.toml'
