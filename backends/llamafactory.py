@@ -77,25 +77,30 @@ DTYPE_OF = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 
 # ---------------------------------------------------------------- the shipped key list
 
-def _read_key_file(path: Path = KEYS_FILE) -> dict[str, set[str]]:
-    """{'keys': {...}, 'templates': {...}} from llamafactory_keys.txt (sections '[keys]' and '[templates]')."""
-    sections: dict[str, set[str]] = {}
+def _read_key_file(path: Path = KEYS_FILE) -> dict[str, Any]:
+    """{'keys': {names}, 'templates': {name: spec}} from llamafactory_keys.txt: a '[keys]' section with one key
+    a line and a '[templates]' section with 'name {json spec}' lines (see ``template_spec``)."""
+    keys: set[str] = set()
+    templates: dict[str, dict[str, Any]] = {}
     current = None
     for raw in path.read_text(encoding="utf-8").splitlines():
         line = raw.strip()
         if not line or line.startswith("#"):
             continue
         if line.startswith("[") and line.endswith("]"):
-            current = sections.setdefault(line[1:-1], set())
-        elif current is not None:
-            current.add(line)
-    return sections
+            current = line[1:-1]
+        elif current == "keys":
+            keys.add(line)
+        elif current == "templates":
+            name, _, spec = line.partition(" ")
+            templates[name] = json.loads(spec)
+    return {"keys": keys, "templates": templates}
 
 
-_KNOWN: dict[str, set[str]] | None = None
+_KNOWN: dict[str, Any] | None = None
 
 
-def known() -> dict[str, set[str]]:
+def known() -> dict[str, Any]:
     """LlamaFactory's config keys and template names, from the shipped list (or, if it is missing, from the
     installed package in a subprocess: slower, same answer)."""
     global _KNOWN
@@ -111,12 +116,14 @@ def known() -> dict[str, set[str]]:
                 raise UnsupportedError("cannot read LlamaFactory's config keys (llamafactory_keys.txt is missing "
                                        "and the installed package could not be asked)",
                                        hint=(out.stderr.strip().splitlines() or ["reinstall llfarm"])[-1])
-            _KNOWN = {k: set(v) for k, v in json.loads(out.stdout.strip().splitlines()[-1]).items()}
+            found = json.loads(out.stdout.strip().splitlines()[-1])
+            _KNOWN = {"keys": set(found["keys"]), "templates": found["templates"]}
     return _KNOWN
 
 
-def installed_keys() -> dict[str, list[str]]:
-    """Read the key list from the installed LlamaFactory (imports it: tests and `--write-keys` only)."""
+def installed_keys() -> dict[str, Any]:
+    """Read the key list and template specs from the installed LlamaFactory (imports it: tests and
+    `--write-keys` only)."""
     import dataclasses
 
     from llamafactory.data.template import TEMPLATES
@@ -126,17 +133,123 @@ def installed_keys() -> dict[str, list[str]]:
     # The same classes, and the same rule (init fields), as HfArgumentParser.parse_dict in get_train_args.
     for cls in (ModelArguments, DataArguments, TrainingArguments, FinetuningArguments, GeneratingArguments):
         keys |= {f.name for f in dataclasses.fields(cls) if f.init}
-    return {"keys": sorted(keys), "templates": sorted(TEMPLATES)}
+    return {"keys": sorted(keys), "templates": {name: template_spec(TEMPLATES[name]) for name in sorted(TEMPLATES)}}
 
 
-def render_key_file(found: dict[str, list[str]]) -> str:
+def _slots(formatter) -> list[Any]:
+    out: list[Any] = []
+    for slot in formatter.slots:
+        if isinstance(slot, str):
+            out.append(slot)
+        elif isinstance(slot, set):
+            out.append({"special": sorted(slot)[0]})
+        else:
+            out.append({"token": slot.get("token")})
+    return out
+
+
+def template_spec(t) -> dict[str, Any]:
+    """What LlamaFactory's Template does with system/user/assistant text: enough to render it as a string
+    (``lf_render``) without importing LlamaFactory. 'class' other than Template means not simulated."""
+    return {"class": type(t).__name__, "prefix": _slots(t.format_prefix), "system": _slots(t.format_system),
+            "user": _slots(t.format_user), "assistant": _slots(t.format_assistant),
+            "default_system": t.default_system, "stop_words": list(t.stop_words), "replace_eos": t.replace_eos,
+            "efficient_eos": t.efficient_eos}
+
+
+def render_key_file(found: dict[str, Any]) -> str:
     from importlib.metadata import version
     lines = [f"# LlamaFactory {version('llamafactory')}: every key get_train_args accepts (init fields of",
-             "# ModelArguments, DataArguments, TrainingArguments, FinetuningArguments, GeneratingArguments)",
-             "# and every registered template name. Regenerate: python -m llfarm.backends.llamafactory --write-keys",
+             "# ModelArguments, DataArguments, TrainingArguments, FinetuningArguments, GeneratingArguments),",
+             "# and every registered template with what it renders (name, then a JSON spec; see lf_render).",
+             "# Regenerate: python -m llfarm.backends.llamafactory --write-keys",
              "# (tests/test_llamafactory_compile.py checks this file against the installed package).",
-             "[keys]", *found["keys"], "", "[templates]", *found["templates"]]
+             "[keys]", *found["keys"], "", "[templates]",
+             *(f"{name} {json.dumps(spec, ensure_ascii=False)}" for name, spec in found["templates"].items())]
     return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------- template parity
+
+BOS, EOS = "<s>", "</s>"     # stand-ins for the tokenizer's own bos/eos when rendering
+
+
+def lf_render(spec: dict[str, Any], messages: list[dict[str, str]]) -> tuple[str, str]:
+    """(prompt, answer) as LlamaFactory's Template builds them for training, as text (default_system is ''
+    because llfarm writes default_system: ''; the answer is the last assistant message, as with mask_history)."""
+    eos = spec["stop_words"][0] if spec["replace_eos"] and spec["stop_words"] else EOS
+
+    def fill(slots: list[Any], content: str, idx: str = "0") -> str:
+        out = []
+        for slot in slots:
+            if isinstance(slot, str):
+                out.append(slot.replace("{{content}}", content, 1).replace("{{idx}}", idx, 1))
+            elif "special" in slot:
+                out.append(BOS if slot["special"] == "bos_token" else eos)
+            else:
+                out.append(slot["token"] or "")
+        return "".join(out)
+
+    system = messages[0]["content"] if messages[0]["role"] == "system" else ""
+    body = messages[1:] if system or messages[0]["role"] == "system" else messages
+    turns = []
+    for i, msg in enumerate(body):
+        text = ""
+        if i == 0:
+            text += fill(spec["prefix"], "")
+            if system:
+                text += fill(spec["system"], system)
+        text += fill(spec["user"] if msg["role"] == "user" else spec["assistant"], msg["content"], str(i // 2))
+        turns.append(text)
+    answer = turns[-1] + (eos if spec["efficient_eos"] else "")
+    return "".join(turns[:-1]), answer
+
+
+def llfarm_render(template, messages: list[dict[str, str]]) -> tuple[str, str] | None:
+    """(prompt, answer) as the pytorch backend trains on them; None when the template cannot be split."""
+    eos = template.eos or EOS
+    full = template.render(messages, bos_token=BOS, eos_token=eos)
+    prompt = template.render(messages[:-1], add_generation_prompt=True, bos_token=BOS, eos_token=eos)
+    return (prompt, full[len(prompt):]) if full.startswith(prompt) else None
+
+
+SAMPLES = {
+    "single": [{"role": "user", "content": "What is 2+2?"}, {"role": "assistant", "content": "4."}],
+    "system": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is 2+2?"},
+               {"role": "assistant", "content": "4."}],
+    "multi-turn": [{"role": "user", "content": "Hi."}, {"role": "assistant", "content": "Hello."},
+                   {"role": "user", "content": "What is 2+2?"}, {"role": "assistant", "content": "4."}],
+}
+
+
+def template_difference(template, lf_name: str, cases: list[str]) -> str | None:
+    """Why LlamaFactory's template would train on other text than the llfarm template, or None."""
+    spec = known()["templates"].get(lf_name)
+    if spec is None or spec["class"] != "Template":
+        return None              # Llama2/reasoning templates are not simulated here
+    for case in cases:
+        ours = llfarm_render(template, SAMPLES[case])
+        if ours is None:
+            return None
+        theirs = lf_render(spec, SAMPLES[case])
+        if ours != theirs:
+            what = "text" if "".join(ours) != "".join(theirs) else "answer (the tokens with a loss)"
+            a, b = ("".join(ours), "".join(theirs)) if what == "text" else (ours[1], theirs[1])
+            return (f"for a {case} conversation llfarm's '{template.name}' trains on the {what} {a!r}, "
+                    f"LlamaFactory's '{lf_name}' on {b!r}")
+    return None
+
+
+def conversation_cases(data) -> list[str]:
+    """Which sample conversations matter for this data: single always, system and multi-turn when present."""
+    cases = {"single"}
+    for row in data.train_rows + data.eval_rows:
+        msgs = row["messages"] if "messages" in row else [*row["prompt"], {"role": "assistant", "content": ""}]
+        if msgs[0]["role"] == "system":
+            cases.add("system")
+        if sum(m["role"] == "user" for m in msgs) > 1:
+            cases.add("multi-turn")
+    return [c for c in SAMPLES if c in cases]
 
 
 # ---------------------------------------------------------------- the backend
@@ -181,9 +294,10 @@ class LlamaFactoryBackend(Backend):
                 f"LlamaFactory loads the weights in the checkpoint's dtype and computes in training.precision "
                 f"({precision}); it has no setting for model.dtype '{s.model.dtype}'", where="model.dtype",
                 hint="set model.dtype: auto (or --backend pytorch)")
-        if precision == "fp16" and platform.name == "cpu":
-            raise UnsupportedError("fp16 mixed precision needs a GPU with LlamaFactory (transformers refuses "
-                                   "fp16 on CPU)", where="training.precision", hint="use fp32 or bf16 on CPU")
+        if s.quantization != "none" and platform.name != "cuda":
+            raise UnsupportedError(f"{s.quantization} bitsandbytes quantization needs a CUDA GPU; this machine has "
+                                   f"{platform.accelerator}", where="model.quantization",
+                                   hint="use model.quantization: none and method.type: lora here")
         if s.distributed.deepspeed:
             raise UnsupportedError("llfarm does not write DeepSpeed configs for LlamaFactory yet",
                                    where="distributed.deepspeed",
@@ -221,6 +335,13 @@ class LlamaFactoryBackend(Backend):
             # current stage") and does not restore the value head of an rm LoRA checkpoint.
             raise UnsupportedError("LlamaFactory 0.9.5 cannot resume reward-model training from a checkpoint",
                                    where=str(ctx.resume_from), hint="start a new run (or --backend pytorch)")
+        from llfarm.templates import load_template
+        template = load_template(s.template)
+        difference = template_difference(template, lf_template(template), conversation_cases(ctx.data))
+        if difference:
+            raise UnsupportedError(f"LlamaFactory's template renders differently: {difference}", where="template",
+                                   hint="use a template whose backends.llamafactory renders the same text (chatml, "
+                                        "llama3), or --backend pytorch")
         world = s.distributed.nproc_per_node * s.distributed.nnodes
         steps = total_steps(s, ctx.data.n_train, world)
         datasets = write_datasets(ctx)
