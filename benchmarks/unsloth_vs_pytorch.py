@@ -34,8 +34,9 @@ from pathlib import Path
 
 TINY = Path(__file__).resolve().parent.parent / "llfarm" / "builtin" / "tiny-llama"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
-WORDS = ("river stone light garden window paper music winter orange market story bridge number silver cloud "
-         "forest letter engine planet yellow quiet travel morning simple question answer").split()
+WORDS = ["river", "stone", "light", "garden", "window", "paper", "music", "winter", "orange", "market", "story",
+         "bridge", "number", "silver", "cloud", "forest", "letter", "engine", "planet", "yellow", "quiet", "travel",
+         "morning", "simple", "question", "answer"]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -131,7 +132,7 @@ def write_strategy(args: argparse.Namespace, backend: str, model: Path, data: Pa
 def llfarm(*argv: str, timeout: int) -> subprocess.CompletedProcess:
     env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
     return subprocess.run([sys.executable, "-m", "llfarm.cli", *argv], env=env, capture_output=True, text=True,
-                          timeout=timeout)
+                          timeout=timeout, check=False)
 
 
 def measure(run: Path, args: argparse.Namespace) -> dict:
@@ -156,10 +157,11 @@ def measure(run: Path, args: argparse.Namespace) -> dict:
 
 
 def table(results: dict, args: argparse.Namespace, meta: dict) -> str:
-    lines = [f"GPU: {meta['gpu']} · model: random-init Llama, {meta['parameters'] / 1e9:.2f}B parameters "
+    setup = (f"GPU: {meta['gpu']} · model: random-init Llama, {meta['parameters'] / 1e9:.2f}B parameters "
              f"(hidden {args.hidden}, {args.layers} layers, vocab {args.vocab}) · {args.method}, r=16, all linear · "
              f"batch {args.batch_size} × {args.seq_len} tokens · {args.steps} steps ({args.warmup} warmup) · "
-             f"bf16 · gradient checkpointing {args.gradient_checkpointing}", "",
+             f"bf16 · gradient checkpointing {args.gradient_checkpointing}")
+    lines = [setup, "",
              "| backend | tokens/s | peak memory (MiB, max_memory_allocated) | final loss |",
              "|---|---|---|---|"]
     for name, r in results.items():
@@ -207,8 +209,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"running {backend} ({args.steps} steps) ...", file=sys.stderr)
         proc = llfarm("run", str(spec), "-o", str(work / "runs"), "--run-id", run_id, timeout=args.timeout)
         if proc.returncode != 0:
-            results[backend] = {"error": f"exit {proc.returncode}: "
-                                         f"{(proc.stderr.strip().splitlines() or ['?'])[-1][:300]}"}
+            last_line = (proc.stderr.strip().splitlines() or ["?"])[-1][:300]
+            results[backend] = {"error": f"exit {proc.returncode}: {last_line}"}
             print(proc.stderr[-4000:], file=sys.stderr)
             continue
         results[backend] = measure(work / "runs" / run_id, args)

@@ -80,7 +80,7 @@ def compiled(tmp_path_factory):
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_script_byte_compiles_and_matches_golden(case, compiled):
-    strategy, ctx, native = compiled[case]
+    _, ctx, native = compiled[case]
     script, config = native.files
     assert (script.name, config.name) == ("train_unsloth.py", "unsloth_config.json")
     py_compile.compile(str(script), cfile=str(ctx.run.root / "check.pyc"), doraise=True)
@@ -195,7 +195,7 @@ def _unsloth_params() -> dict[str, set[str]]:
     spec = importlib.util.find_spec("unsloth")
     if spec is None or not spec.submodule_search_locations:
         pytest.skip("unsloth is not installed (pip install 'llfarm[unsloth]')")
-    root = Path(list(spec.submodule_search_locations)[0]) / "models"
+    root = Path(next(iter(spec.submodule_search_locations))) / "models"
     wanted = {("loader.py", "FastLanguageModel", "from_pretrained"),
               ("llama.py", "FastLlamaModel", "get_peft_model")}
     params: dict[str, set[str]] = {}
@@ -307,7 +307,8 @@ def test_plan_platform(tmp_path):
 def test_script_template_ships_as_package_data():
     """backends/unsloth_script.py.tmpl is not a module: pyproject must list it as package data of llfarm.backends."""
     import fnmatch
-    import tomllib
+
+    tomllib = pytest.importorskip("tomllib")            # Python 3.11+
     pyproject = tomllib.loads((Path(__file__).resolve().parent.parent / "pyproject.toml").read_text())
     patterns = pyproject["tool"]["setuptools"].get("package-data", {}).get("llfarm.backends", [])
     assert any(fnmatch.fnmatch("unsloth_script.py.tmpl", p) for p in patterns), \

@@ -1,10 +1,9 @@
-#!/usr/bin/env python
 """Unsloth SFT with full fine-tuning, written by llfarm for strategy 'sft_full'.
 
 Every value comes from the JSON config beside this file (unsloth_config.json): change that, not this script.
 Run it by hand from the run directory (it needs a GPU that Unsloth supports and `pip install "llfarm[unsloth]"`):
 
-    python native/train_unsloth.py native/unsloth_config.json
+    python native/train_unsloth.py native/unsloth_config.json      # native/command.txt: with its environment
 
 What it does: load the model with Unsloth's FastLanguageModel → render
 the data with the strategy's chat template (llfarm.train_common: the same text --backend pytorch trains on)
