@@ -94,7 +94,10 @@ class UnslothBackend(Backend):
         atomic_write_text(config_path, json.dumps(config, indent=2) + "\n")
         atomic_write_text(script_path, render_script(s.stage, s.is_peft, config["from_pretrained"]["load_in_4bit"],
                                                      s.method.type, s.name))
-        env = {"UNSLOTH_DISABLE_STATISTICS": "1"}   # no telemetry download from the hub on start
+        env = {"UNSLOTH_DISABLE_STATISTICS": "1",   # no telemetry download from the hub on start
+               # Unsloth writes the code it generates (patched trainers, compiled modules) into
+               # ./unsloth_compiled_cache by default; keep the run directory's top level normalized.
+               "UNSLOTH_COMPILE_LOCATION": str(run.native / "unsloth_compiled_cache")}
         if Path(ctx.model_path).is_dir():
             env["HF_HUB_OFFLINE"] = "1"
         return NativePlan(argv=[sys.executable, str(script_path), str(config_path)], env=env, cwd=run.root,

@@ -251,7 +251,8 @@ def test_backend_options(tmp_path):
 
 def test_local_model_runs_offline_and_without_telemetry(compiled):
     _, ctx, native = compiled["sft_lora"]
-    assert native.env == {"HF_HUB_OFFLINE": "1", "UNSLOTH_DISABLE_STATISTICS": "1"}
+    assert native.env == {"HF_HUB_OFFLINE": "1", "UNSLOTH_DISABLE_STATISTICS": "1",
+                          "UNSLOTH_COMPILE_LOCATION": str(ctx.run.native / "unsloth_compiled_cache")}
     assert native.argv[1:] == [str(ctx.run.native / "train_unsloth.py"), str(ctx.run.native / "unsloth_config.json")]
     assert native.cwd == ctx.run.root
     assert "train_unsloth.py" in (ctx.run.native / "command.txt").read_text()
@@ -264,7 +265,7 @@ def test_hub_model_keeps_the_hub_online(tmp_path):
     _, native = create_run(prep, tmp_path / "runs", run_id="hub")
     cfg = json.loads(native.files[1].read_text())
     assert cfg["from_pretrained"]["model_name"] == "unsloth/Llama-3.2-1B-Instruct"
-    assert native.env == {"UNSLOTH_DISABLE_STATISTICS": "1"}
+    assert "HF_HUB_OFFLINE" not in native.env and native.env["UNSLOTH_DISABLE_STATISTICS"] == "1"
 
 
 # ---------------------------------------------------------------- choosing a backend (no subprocess)
