@@ -39,6 +39,25 @@ def tiny_base(tmp: Path, arch: str = "llama", rope: dict[str, Any] | None = None
     return out
 
 
+def odd_base(tmp: Path) -> Path:
+    """A random Llama with Llama-3.1 rope scaling and intermediate_size 80, with the tiny tokenizer."""
+    import torch
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    out = tmp / "tiny-odd"
+    src = tiny_base(tmp)
+    cfg = json.loads((src / "config.json").read_text())
+    cfg.update(intermediate_size=80, rope_parameters={
+        "rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0, "original_max_position_embeddings": 64})
+    torch.manual_seed(1)
+    model = AutoModelForCausalLM.from_config(LlamaConfig(**{k: v for k, v in cfg.items() if k != "architectures"}))
+    model.save_pretrained(out)
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(src / f, out / f)
+    return out
+
+
 def make_run(root: Path, base: Path, *, template: str = "chatml", system: str | None = None, stage: str = "sft",
              output_kind: str = "adapter", seed: int = 0) -> Path:
     """A run dir as training leaves it: manifest + a non-zero LoRA adapter (or a full model) + tokenizer."""

@@ -19,6 +19,7 @@ from export_helpers import (
     hf_state_dict,
     hf_to_llamacpp_rows,
     make_run,
+    odd_base,
     tiny_base,
 )
 
@@ -53,25 +54,6 @@ def gguf_name(hf: str) -> str:
         if re.fullmatch(pat, hf):
             return re.sub(pat, rep, hf)
     raise AssertionError(f"unexpected HF tensor {hf}")
-
-
-def odd_base(tmp: Path) -> Path:
-    """A random Llama with Llama-3.1 rope scaling and intermediate_size 80, with the tiny tokenizer."""
-    import torch
-    from transformers import AutoModelForCausalLM, LlamaConfig
-
-    out = tmp / "tiny-odd"
-    src = tiny_base(tmp)
-    cfg = json.loads((src / "config.json").read_text())
-    cfg.update(intermediate_size=80, rope_parameters={
-        "rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0,
-        "high_freq_factor": 4.0, "original_max_position_embeddings": 64})
-    torch.manual_seed(1)
-    model = AutoModelForCausalLM.from_config(LlamaConfig(**{k: v for k, v in cfg.items() if k != "architectures"}))
-    model.save_pretrained(out)
-    for f in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(src / f, out / f)
-    return out
 
 
 @pytest.fixture(scope="module")
