@@ -184,8 +184,8 @@ def lf_render(spec: dict[str, Any], messages: list[dict[str, str]]) -> tuple[str
         for slot in slots:
             if isinstance(slot, str):
                 out.append(slot.replace("{{content}}", content, 1).replace("{{idx}}", idx, 1))
-            elif "special" in slot:
-                out.append(BOS if slot["special"] == "bos_token" else eos)
+            elif "special" in slot:     # LlamaFactory turns {"bos_token"}/{"eos_token"} into ids, others into nothing
+                out.append({"bos_token": BOS, "eos_token": eos}.get(slot["special"], ""))
             else:
                 out.append(slot["token"] or "")
         return "".join(out)
