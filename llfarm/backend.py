@@ -12,6 +12,9 @@ for ``--backend auto``. Unsupported features are data (``Capabilities``), turned
 from __future__ import annotations
 
 import importlib.util
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from importlib.metadata import entry_points
 from pathlib import Path
@@ -99,6 +102,8 @@ class Backend:
         return [p for p in self.packages if importlib.util.find_spec(p) is None]
 
     def check_installed(self) -> None:
+        if _PLANNING.get():
+            return  # plan only compiles; the package is needed to run, not to plan (ibis-style)
         missing = self.missing_packages()
         if missing:
             raise BackendUnavailable(
@@ -130,6 +135,19 @@ def _supports(backend: Backend, what: str, value: str) -> bool:
     caps = backend.capabilities
     return value in {"stage": caps.stages, "method": caps.methods, "quantization": caps.quantization,
                      "launcher": caps.launchers, "platform": caps.platforms}[what]
+
+
+_PLANNING: ContextVar[bool] = ContextVar("llfarm_planning", default=False)
+
+
+@contextmanager
+def planning() -> Iterator[None]:
+    """Within this block backends are checked for what the strategy asks, not for installed packages."""
+    token = _PLANNING.set(True)
+    try:
+        yield
+    finally:
+        _PLANNING.reset(token)
 
 
 _REGISTRY: dict[str, Backend] | None = None

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import re
+from contextlib import nullcontext
 import shutil
 import signal
 import subprocess
@@ -21,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__
-from .backend import Backend, CompileContext, NativePlan, RunResult, choose_backend, plan_platform
+from .backend import Backend, CompileContext, NativePlan, RunResult, choose_backend, plan_platform, planning
 from .data import PreparedData, prepare, total_steps
 from .errors import DataError, LlfarmError, RunError
 from .models import resolve_model
@@ -49,9 +50,10 @@ def prepare_run(resolved: Resolved, backend: str | None = None, *, plan: bool = 
     """Every check that can fail on bad input, before anything is written. ``plan``: compile only (see
     backend.plan_platform), so a named backend is not refused for hardware this machine lacks."""
     strategy = resolved.strategy
-    plat = plan_platform(strategy, detect(), backend) if plan else detect()
     load_template(strategy.template)                  # unknown template → exit 2 now, not mid-run
-    chosen = choose_backend(strategy, plat, backend)
+    with planning() if plan else nullcontext():
+        plat = plan_platform(strategy, detect(), backend) if plan else detect()
+        chosen = choose_backend(strategy, plat, backend)
     model_path = resolve_model(strategy.model.path)
     data = prepare(strategy)
     steps = total_steps(strategy, data.n_train)

@@ -52,3 +52,16 @@ def test_backends_lists_every_backend():
     for name in ("pytorch", "llamafactory", "unsloth"):
         assert f"\n{name} " in out
     assert "broken" not in out
+
+
+def test_plan_needs_no_backend_package_but_run_does(monkeypatch, tmp_path):
+    from llfarm.backend import get_backend
+    from llfarm.errors import BackendUnavailable
+    from llfarm.runner import prepare_run
+    from llfarm.strategy import resolve
+
+    monkeypatch.setattr(get_backend("llamafactory"), "packages", ("llfarm_no_such_package",))
+    res = resolve("quickstart", ["backend=llamafactory"])
+    assert prepare_run(res, plan=True).backend.name == "llamafactory"
+    with pytest.raises(BackendUnavailable, match="llfarm_no_such_package"):
+        prepare_run(res)
