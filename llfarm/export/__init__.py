@@ -172,7 +172,7 @@ def _eos_token(tokenizer_dir: Path | None, base: str | None) -> str | None:
 
 def _check_gguf_source(model_dir: Path | None, base: str | None, tokenizer_dir: Path | None) -> None:
     try:
-        from .gguf_convert import check_convertible
+        from .gguf_convert import inspect_model
     except ImportError as exc:
         raise ExportError(f"the GGUF export needs the gguf package ({exc})", where="--format",
                           hint="pip install 'llfarm[export]'") from None
@@ -185,7 +185,7 @@ def _check_gguf_source(model_dir: Path | None, base: str | None, tokenizer_dir: 
     if tokenizer is None:
         raise ExportError("no tokenizer.json (a fast tokenizer) for the model", where=str(tokenizer_dir or base),
                           hint="save the tokenizer with save_pretrained from a fast tokenizer")
-    check_convertible(json.loads(config.read_text(encoding="utf-8")),
+    inspect_model(json.loads(config.read_text(encoding="utf-8")),
                       json.loads(tokenizer.read_text(encoding="utf-8")), str(model_dir or base))
 
 

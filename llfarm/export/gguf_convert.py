@@ -69,8 +69,11 @@ class SourceTensor:
         """The tensor as float32 (BF16 widened through a uint16 view), read with one seek."""
         count = math.prod(self.shape)
         raw = np.fromfile(self.file, dtype=SAFETENSORS_DTYPES[self.dtype], count=count, offset=self.offset)
-        if self.dtype == "BF16":
-            raw = (raw.astype(np.uint32) << 16).view(np.float32)
+        if self.dtype == "BF16":  # bf16 is the top half of a float32: widen, shift in place (one extra copy only)
+            wide = raw.astype(np.uint32)
+            del raw
+            wide <<= 16
+            return wide.view(np.float32).reshape(self.shape)
         return raw.astype(np.float32, copy=False).reshape(self.shape)
 
 
@@ -80,7 +83,7 @@ def read_safetensors_index(model_dir: Path) -> dict[str, SourceTensor]:
     if index.is_file():
         files = sorted({model_dir / f for f in json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()})
     else:
-        files = sorted(model_dir.glob("*.safetensors"))
+        files = sorted(model_dir.glob("model*.safetensors"))  # not e.g. an adapter_model.safetensors beside it
     if not files:
         raise ExportError("no *.safetensors weights found (pytorch_model.bin is not supported)", where=str(model_dir),
                           hint="re-save the model with save_pretrained(..., safe_serialization=True)")
@@ -222,15 +225,25 @@ def load_tokenizer_json(model_dir: Path) -> dict[str, Any]:
     return json.loads(path.read_text(encoding="utf-8"))
 
 
-def check_convertible(config: dict[str, Any], tokenizer_json: dict[str, Any], where: str) -> None:
-    """Fail early, before any merge or write, when the model or tokenizer cannot be converted."""
+@dataclass(frozen=True)
+class ModelInfo:
+    hp: HParams
+    pre: str
+    tokens: list[str]
+    types: list[int]
+
+
+def inspect_model(config: dict[str, Any], tokenizer_json: dict[str, Any], where: str) -> ModelInfo:
+    """What the converter needs from config.json and tokenizer.json; ExportError when it cannot convert them.
+    Cheap, so export runs it before any merge or write."""
     hp = read_hparams(config, where)
-    detect_pre(tokenizer_json, where)
-    vocab_tokens(tokenizer_json, hp.n_vocab, where)
     kind = hp.rope_scaling.get("rope_type", hp.rope_scaling.get("type"))
     if kind not in (None, "linear", "yarn", "llama3"):
         raise ExportError(f"rope scaling '{kind}' is not supported by the GGUF export (linear, yarn, llama3 are)",
                           where=where, hint=HINT_UPSTREAM)
+    pre = detect_pre(tokenizer_json, where)
+    tokens, types = vocab_tokens(tokenizer_json, hp.n_vocab, where)
+    return ModelInfo(hp, pre, tokens, types)
 
 
 # ---- tensors -------------------------------------------------------------------------------------------------------
@@ -314,9 +327,8 @@ def convert(model_dir: Path, out_path: Path, *, quant: str, name: str, chat_temp
             add_bos: bool | None = None, eot_token: str | None = None) -> Path:
     """Write ``out_path`` (GGUF) from the HF model in ``model_dir``. Streams tensor by tensor."""
     config = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
-    hp = read_hparams(config, str(model_dir / "config.json"))
-    tok_json = load_tokenizer_json(model_dir)
-    check_convertible(config, tok_json, str(model_dir))
+    info = inspect_model(config, load_tokenizer_json(model_dir), str(model_dir))
+    hp, tokens = info.hp, info.tokens
     source = read_safetensors_index(model_dir)
     planned = plan_tensors(hp, source, quant)
     _, file_type = QUANT_TYPES[quant]
@@ -341,11 +353,10 @@ def convert(model_dir: Path, out_path: Path, *, quant: str, name: str, chat_temp
     w.add_file_type(file_type)
     w.add_quantization_version(gguf.GGML_QUANT_VERSION)
 
-    tokens, types = vocab_tokens(tok_json, hp.n_vocab, str(model_dir))
     w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre(detect_pre(tok_json, str(model_dir)))
+    w.add_tokenizer_pre(info.pre)
     w.add_token_list(tokens)
-    w.add_token_types(types)
+    w.add_token_types(info.types)
     special = gguf.SpecialVocab(model_dir, load_merges=True, n_vocab=hp.n_vocab)
     if chat_template is not None:
         special.chat_template = chat_template
