@@ -23,7 +23,7 @@ from typing import Any
 from ..errors import ExportError, LlfarmError, did_you_mean, one_of
 from ..rundir import RunDir
 from ..templates import ChatTemplate, load_template
-from .merge import has_tokenizer
+from .merge import copy_model, has_tokenizer, merge_adapter
 from .modelfile import model_name, ollama_create_command, render_modelfile
 
 __all__ = ["FORMATS", "QUANTS", "export_name", "export_run", "ollama_create_command"]
@@ -185,15 +185,13 @@ def _check_gguf_source(model_dir: Path | None, base: str | None, tokenizer_dir: 
     if tokenizer is None:
         raise ExportError("no tokenizer.json (a fast tokenizer) for the model", where=str(tokenizer_dir or base),
                           hint="save the tokenizer with save_pretrained from a fast tokenizer")
-    inspect_model(json.loads(config.read_text(encoding="utf-8")),
-                      json.loads(tokenizer.read_text(encoding="utf-8")), str(model_dir or base))
+    inspect_model(json.loads(config.read_text(encoding="utf-8")), json.loads(tokenizer.read_text(encoding="utf-8")),
+                  str(model_dir or base))
 
 
 # ---- execution: build in staging, then rename into place -----------------------------------------------------------
 
 def _execute(job: _Job) -> list[Path]:
-    from . import merge
-
     job.out.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".llfarm-export-", dir=job.out))
     chat_template = job.template.jinja if job.template else None
@@ -201,10 +199,10 @@ def _execute(job: _Job) -> list[Path]:
         staged: list[tuple[Path, Path]] = []  # (staged path, final path)
         hf_dir = job.model
         if job.adapter is not None and ("merged" in job.formats or "gguf" in job.formats):
-            hf_dir = merge.merge_adapter(job.base, job.adapter, staging / "merged", chat_template=chat_template,
+            hf_dir = merge_adapter(job.base, job.adapter, staging / "merged", chat_template=chat_template,
                                          sequence_classification=job.stage == "rm")
         elif "merged" in job.formats:
-            merge.copy_model(job.model, staging / "merged", chat_template=chat_template)
+            copy_model(job.model, staging / "merged", chat_template=chat_template)
         if "merged" in job.formats:
             staged.append((staging / "merged", job.out / "merged"))
 
