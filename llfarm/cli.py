@@ -230,7 +230,9 @@ def resume(run_dir: Path, max_steps: int | None, verbose: bool) -> None:
 def generate(run_dir: Path, prompt: tuple[str, ...], max_new_tokens: int, temperature: float,
              system: str | None) -> None:
     """Generate with a run's model (base + adapter, or the full model) and its training template."""
+    from .compat import quiet_libraries
     from .generate import Generator
+    quiet_libraries()
     gen = Generator.from_run(run_dir)
     for p in prompt:
         click.echo(gen.generate(p, max_new_tokens=max_new_tokens, temperature=temperature, system=system))
@@ -250,15 +252,19 @@ def export(run_dir: Path, formats: tuple[str, ...], quant: str, out: Path | None
 
 
 def _do_export(run_dir: Path, formats: list[str], quant: str, out: Path | None, name: str | None) -> None:
-    from .export import export_run, ollama_create_command
-    paths = export_run(Path(run_dir), formats, quant=quant, out=out, name=name)
+    from .compat import quiet_libraries
+    from .export import export_name, export_run, ollama_create_command
+    from .rundir import RunDir
+    quiet_libraries()
+    run = RunDir(Path(run_dir))
+    paths = export_run(run.root, formats, quant=quant, out=out, name=name)
     for p in paths:
         click.echo(f"wrote {p}", err=True)
+    recorded = run.read_manifest().get("exports", [])
+    run.update_manifest(exports=recorded + [{"formats": formats, "quant": quant, "paths": [str(p) for p in paths]}])
     modelfiles = [p for p in paths if p.name == "Modelfile"]
     if modelfiles:
-        from .rundir import RunDir
-        model_name = name or RunDir(Path(run_dir)).read_manifest().get("strategy_name", "llfarm-model")
-        click.echo(f"load it in Ollama: {ollama_create_command(modelfiles[0], model_name)}", err=True)
+        click.echo(f"load it in Ollama: {ollama_create_command(modelfiles[0], export_name(run.root, name))}", err=True)
 
 
 def main() -> None:

@@ -27,3 +27,19 @@ def ensure_warnings_issued(model) -> None:
     removed from PreTrainedModel; give the model an empty dict so they can."""
     if not hasattr(model, "warnings_issued"):
         model.warnings_issued = {}
+
+
+def quiet_libraries() -> None:
+    """For in-process work (generate, export): no weight-loading progress bars, and no bitsandbytes warning
+    about its optional CPU kernel package (which would fetch code from the hub if it were installed)."""
+    import logging
+    import os
+
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    try:
+        from transformers.utils import logging as hf_logging
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+    except ImportError:
+        pass
