@@ -16,7 +16,7 @@ from llfarm.errors import UnsupportedError
 from llfarm.rundir import atomic_write_text, read_json
 
 OPTION_KEYS = {"optim", "lr_scheduler_kwargs", "dataloader_num_workers", "gradient_checkpointing_kwargs",
-               "torch_compile", "neftune_noise_alpha", "packing", "label_smoothing_factor", "adam_beta1",
+               "torch_compile", "neftune_noise_alpha", "label_smoothing_factor", "adam_beta1",
                "adam_beta2", "adam_epsilon"}
 
 

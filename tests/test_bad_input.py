@@ -175,3 +175,8 @@ def test_generate_on_a_folder_that_is_not_a_run(tmp_path):
 def test_other_commands_report_the_same_way(tmp_path, command):
     s = strategy(tmp_path, GOOD + "modle: {path: x}\n")
     fails(tmp_path, s, command=command, expect=["unknown key 'modle'"])
+
+
+def test_unknown_backend_option_for_pytorch(tmp_path):
+    s = strategy(tmp_path, GOOD + "backend_options: {pytorch: {optimm: adamw_torch}}\n")
+    fails(tmp_path, s, expect=["backend_options.pytorch", "unknown key 'optimm'", "did you mean 'optim'"])
