@@ -111,7 +111,8 @@ def known() -> dict[str, Any]:
             import os
             import subprocess
             out = subprocess.run([sys.executable, "-m", "llfarm.backends.llamafactory", "--print-keys"],
-                                 capture_output=True, text=True, env={**os.environ, "DISABLE_VERSION_CHECK": "1"})
+                                 capture_output=True, text=True, check=False,
+                                 env={**os.environ, "DISABLE_VERSION_CHECK": "1"})
             if out.returncode != 0:
                 raise UnsupportedError("cannot read LlamaFactory's config keys (llamafactory_keys.txt is missing "
                                        "and the installed package could not be asked)",
@@ -127,8 +128,13 @@ def installed_keys() -> dict[str, Any]:
     import dataclasses
 
     from llamafactory.data.template import TEMPLATES
-    from llamafactory.hparams import (DataArguments, FinetuningArguments, GeneratingArguments, ModelArguments,
-                                      TrainingArguments)
+    from llamafactory.hparams import (
+        DataArguments,
+        FinetuningArguments,
+        GeneratingArguments,
+        ModelArguments,
+        TrainingArguments,
+    )
     keys: set[str] = set()
     # The same classes, and the same rule (init fields), as HfArgumentParser.parse_dict in get_train_args.
     for cls in (ModelArguments, DataArguments, TrainingArguments, FinetuningArguments, GeneratingArguments):
@@ -142,7 +148,7 @@ def _slots(formatter) -> list[Any]:
         if isinstance(slot, str):
             out.append(slot)
         elif isinstance(slot, set):
-            out.append({"special": sorted(slot)[0]})
+            out.append({"special": min(slot)})
         else:
             out.append({"token": slot.get("token")})
     return out
@@ -508,8 +514,9 @@ def flat(config: dict[str, dict[str, Any]]) -> dict[str, Any]:
 
 def render_yaml(config: dict[str, dict[str, Any]]) -> str:
     import yaml
-    parts = ["# LlamaFactory 0.9.5 training config written by llfarm (one flat namespace; ### are comments).",
-             "# Run it by hand: DISABLE_VERSION_CHECK=1 llamafactory-cli train <this file>"]
+    parts = ["# LlamaFactory 0.9.5 training config written by llfarm (one flat namespace; the ### lines are comments).",
+             "# By hand: DISABLE_VERSION_CHECK=1 llamafactory-cli train <this file>",
+             "# llfarm's own command (the same training, plus metrics.jsonl and the run directory): command.txt"]
     for title, section in config.items():
         parts.append(f"\n### {title}")
         parts.append(yaml.safe_dump(section, sort_keys=False, default_flow_style=False, allow_unicode=True,

@@ -43,7 +43,7 @@ def plan(strategy: str, steps: int, workdir: Path) -> tuple[Path, dict[str, str]
     out = workdir / "plan"
     shutil.rmtree(out, ignore_errors=True)
     proc = subprocess.run([str(BIN / "llfarm"), "plan", *llfarm_args(strategy, steps), "--out", str(out)],
-                          capture_output=True, text=True)
+                          capture_output=True, text=True, check=False)
     if proc.returncode != 0:
         raise SystemExit(f"llfarm plan failed: {proc.stderr.strip()}")
     command = (out / "native" / "command.txt").read_text().strip()
@@ -61,7 +61,7 @@ def timed(argv: list[str], env: dict[str, str], log: Path) -> dict[str, float]:
     before = os.times()
     start = time.perf_counter()
     with open(log, "w", encoding="utf-8") as fh:
-        proc = subprocess.run(argv, env={**os.environ, **env}, stdout=fh, stderr=subprocess.STDOUT)
+        proc = subprocess.run(argv, env={**os.environ, **env}, stdout=fh, stderr=subprocess.STDOUT, check=False)
     elapsed = time.perf_counter() - start
     after = os.times()
     if proc.returncode != 0:
