@@ -54,8 +54,9 @@ def files(run_dir: Path) -> set[str]:
 def test_sft_run_directory_equals_pytorch(root):
     pt, lf = run(root, "pt-sft", "pytorch", SFT), run(root, "lf-sft", "llamafactory", SFT)
     assert files(lf) == files(pt)
-    assert {"adapter/adapter_model.safetensors", "adapter/chat_template.jinja", "checkpoints/checkpoint-20/optimizer.pt",
-            "checkpoints/checkpoint-40/adapter_model.safetensors"} <= files(lf)
+    expected = {"adapter/adapter_model.safetensors", "adapter/chat_template.jinja",
+                "checkpoints/checkpoint-20/optimizer.pt", "checkpoints/checkpoint-40/adapter_model.safetensors"}
+    assert expected <= files(lf)
     m = manifest(lf)
     assert (m["status"], m["backend"], m["output_kind"]) == ("completed", "llamafactory", "adapter")
     assert m["final_metrics"]["global_step"] == 40
