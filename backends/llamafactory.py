@@ -73,6 +73,7 @@ LF_RECORDS = {"all_results.json", "train_results.json", "eval_results.json", "pr
               "trainer_state.json", "trainer_log.jsonl", "generated_predictions.jsonl", "running_log.txt"}
 PRECISIONS = {"fp32": {}, "bf16": {"bf16": True}, "fp16": {"fp16": True}}
 DTYPE_OF = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+PRECISION_OF = {v: k for k, v in DTYPE_OF.items()}
 
 
 # ---------------------------------------------------------------- the shipped key list
@@ -295,11 +296,14 @@ class LlamaFactoryBackend(Backend):
                                    f"'{s.method.type}'", where="model.quantization",
                                    hint="use method.type: lora (or qlora), or model.quantization: none")
         precision = resolve_precision(s.training.precision, platform)
-        if s.model.dtype != "auto" and s.model.dtype != DTYPE_OF[precision]:
+        # LlamaFactory loads the checkpoint's dtype, keeps trainable weights in float32 and computes in
+        # training.precision; model.dtype can only say the same.
+        if s.model.dtype not in ("auto", "float32", DTYPE_OF[precision]):
             raise UnsupportedError(
-                f"LlamaFactory loads the weights in the checkpoint's dtype and computes in training.precision "
-                f"({precision}); it has no setting for model.dtype '{s.model.dtype}'", where="model.dtype",
-                hint="set model.dtype: auto (or --backend pytorch)")
+                f"LlamaFactory computes in training.precision ({precision}) with float32 trainable weights; it has "
+                f"no setting for model.dtype '{s.model.dtype}'", where="model.dtype",
+                hint=f"set model.dtype: auto, or training.precision: {PRECISION_OF[s.model.dtype]}, or use "
+                     "--backend pytorch")
         if s.quantization != "none" and platform.name != "cuda":
             raise UnsupportedError(f"{s.quantization} bitsandbytes quantization needs a CUDA GPU; this machine has "
                                    f"{platform.accelerator}", where="model.quantization",

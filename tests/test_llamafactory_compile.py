@@ -418,3 +418,9 @@ def test_cli_quantized_full_finetuning(tmp_path, on_cuda):
     err = fails(tmp_path, "quickstart", "--set", "method.type=full", "--set", "model.quantization=8bit",
                 expect=["only for LoRA"])
     assert "model.quantization" in err
+
+
+def test_cli_model_dtype_llamafactory_cannot_honour(tmp_path):
+    fails(tmp_path, "quickstart", "--set", "model.dtype=bfloat16", expect=["model.dtype", "training.precision: bf16"])
+    _, _, c, _ = compile_case(tmp_path / "ok", "sft", "lora", ["model.dtype=float32"])
+    assert "bf16" not in c
