@@ -256,6 +256,7 @@ def test_shipped_key_list_matches_installed_llamafactory(oracle):
 def test_template_simulation_matches_llamafactory(oracle):
     """lf_render (used before launch, without LlamaFactory) renders what LlamaFactory's templates tokenize."""
     specs = lf.known()["templates"]
+    print(f"{len(oracle['renders'])} template x conversation cases")
     assert len(oracle["renders"]) > 150
     for key, real in oracle["renders"].items():
         name, case = key.split("|")
