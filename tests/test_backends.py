@@ -18,7 +18,7 @@ CASES = {
     "sft_lora": ("quickstart", ["training.max_steps=40", "export.formats=[]"]),
     "sft_full": ("cpu_full_sft", ["training.max_steps=20"]),
     "dpo_lora": ("dpo", ["training.max_steps=16"]),
-    "rm_lora": ("reward_model", ["training.max_steps=16"]),
+    "rm_lora": ("reward_model", ["training.max_steps=32"]),
 }
 
 
