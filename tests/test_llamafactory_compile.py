@@ -269,7 +269,10 @@ def test_shipped_templates_agree_with_llamafactory(oracle):
     from llfarm.templates import load_template
     specs = lf.known()["templates"]
     agree = {}
-    for name in ("chatml", "llama3", "alpaca", "plain"):
+    assert load_template("plain").backend_name("llamafactory") is None
+    assert not any(lf.llfarm_render(load_template("plain"), msgs) == tuple(lf.lf_render(specs["empty"], msgs))
+                   for msgs in lf.SAMPLES.values()), "LlamaFactory's closest template, empty, differs"
+    for name in ("chatml", "llama3", "alpaca"):
         t = load_template(name)
         lf_name = t.backend_name("llamafactory")
         agree[name] = {case: lf.llfarm_render(t, msgs) == tuple(oracle["renders"].get(f"{lf_name}|{case}") or
@@ -277,7 +280,6 @@ def test_shipped_templates_agree_with_llamafactory(oracle):
                        for case, msgs in lf.SAMPLES.items()}
     assert all(agree["chatml"].values()) and all(agree["llama3"].values())
     assert agree["alpaca"] == {"single": True, "system": False, "multi-turn": True}
-    assert not any(agree["plain"].values())
 
 
 # ---------------------------------------------------------------- other mappings
@@ -406,7 +408,7 @@ def test_cli_template_without_llamafactory_name(tmp_path):
 
 def test_cli_template_that_renders_differently(tmp_path):
     fails(tmp_path, "quickstart", "--set", "template=plain",
-          expect=["template:", "renders differently", "'empty'"])
+          expect=["template 'plain' has no LlamaFactory equivalent", "--backend pytorch"])
     fails(tmp_path, "quickstart", "--set", "template=alpaca", "--set", "data.system=Be brief.",
           expect=["system conversation", "'alpaca'"])
 
