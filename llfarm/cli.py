@@ -28,6 +28,14 @@ class LlfarmGroup(click.Group):
         except LlfarmError as exc:
             click.echo(f"llfarm: error: {exc.render()}", err=True)
             sys.exit(exc.exit_code)
+        except OSError as exc:  # an unwritable --output, a folder given for a file, a full disk...
+            where = f"{exc.filename}: " if exc.filename else ""
+            click.echo(f"llfarm: error: {where}{exc.strerror or exc} — hint: check the path and its permissions",
+                       err=True)
+            sys.exit(2)
+        except KeyboardInterrupt:
+            click.echo("llfarm: interrupted", err=True)
+            sys.exit(130)
 
 
 @click.group(cls=LlfarmGroup, context_settings={"help_option_names": ["-h", "--help"]})

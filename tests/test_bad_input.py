@@ -180,3 +180,10 @@ def test_other_commands_report_the_same_way(tmp_path, command):
 def test_unknown_backend_option_for_pytorch(tmp_path):
     s = strategy(tmp_path, GOOD + "backend_options: {pytorch: {optimm: adamw_torch}}\n")
     fails(tmp_path, s, expect=["backend_options.pytorch", "unknown key 'optimm'", "did you mean 'optim'"])
+
+
+def test_unwritable_output_folder(tmp_path):
+    blocker = write(tmp_path / "afile", "not a folder")
+    proc = llfarm("run", strategy(tmp_path, GOOD), "-o", str(blocker / "runs"))
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and "afile" in proc.stderr
