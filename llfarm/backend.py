@@ -189,7 +189,8 @@ def plan_platform(strategy: Strategy, here: Platform, requested: str | None = No
     def runs_on(plat: Platform) -> bool:
         for backend in candidates:
             try:
-                backend.check(strategy, plat)
+                with planning():
+                    backend.check(strategy, plat)
                 return True
             except (UnsupportedError, BackendUnavailable):
                 pass

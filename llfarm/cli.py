@@ -118,12 +118,15 @@ def backends() -> None:
     plat = detect()
     click.echo(f"platform: {plat.name} ({plat.accelerator})")
     for b in registry().values():
+        problems = []
+        if plat.name not in b.capabilities.platforms:
+            problems.append("cannot run here: " + b.capabilities.reasons.get(f"platform:{plat.name}",
+                                                                         f"no {plat.name} support"))
         try:
             b.check_installed()
-            status = "ready" if plat.name in b.capabilities.platforms else \
-                f"cannot run here: {b.capabilities.reasons.get('platform:' + plat.name, 'platform not supported')}"
         except BackendUnavailable as exc:
-            status = f"not installed: {exc.render()}"
+            problems.append(f"not installed: {exc.render()}")
+        status = "; ".join(problems) or "ready"
         caps = b.capabilities.table()
         click.echo(f"{b.name:<13} {status}")
         click.echo(f"{'':<13} stages {','.join(caps['stages'])}; methods {','.join(caps['methods'])}; "

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 from conftest import write
 
-from llfarm.backend import choose_backend, get_backend, plan_platform
+from llfarm.backend import choose_backend, get_backend, plan_platform, planning
 from llfarm.platform import Platform
 from llfarm.runner import create_run, prepare_run
 from llfarm.strategy import resolve
@@ -275,7 +275,8 @@ def _strategy(tmp_path: Path, case: str, *overrides: str):
     return resolve(str(spec), overrides).strategy
 
 
-def test_auto_prefers_unsloth_on_a_gpu_and_never_picks_it_without_one(tmp_path):
+def test_auto_prefers_unsloth_on_a_gpu_and_never_picks_it_without_one(tmp_path, monkeypatch):
+    monkeypatch.setattr(get_backend("unsloth"), "packages", ())   # as if `llfarm[unsloth]` were installed
     s = _strategy(tmp_path, "sft_lora")
     assert choose_backend(s, CUDA, "auto").name == "unsloth"
     assert choose_backend(s, CPU, "auto").name != "unsloth"
@@ -294,7 +295,8 @@ def test_plan_platform(tmp_path):
     s = _strategy(tmp_path, "sft_lora")
     planned = plan_platform(s, CPU, "unsloth")
     assert planned.name == "cuda" and planned.bf16 and "planned for a CUDA GPU" in planned.accelerator
-    get_backend("unsloth").check(s, planned)             # a planned GPU passes the hardware check
+    with planning():                                     # plan needs no installed unsloth
+        get_backend("unsloth").check(s, planned)         # a planned GPU passes the hardware check
     assert plan_platform(s, CPU, "auto") == CPU          # auto: pytorch runs it here, so plan what `run` picks
     assert plan_platform(s, CPU, "pytorch") == CPU
     assert plan_platform(s, CUDA, "unsloth") == CUDA

@@ -69,6 +69,7 @@ FP32 = ["training.precision=fp32", "export.formats=[]"]
 def stand_in(tmp_path_factory) -> dict[str, str]:
     root = tmp_path_factory.mktemp("stand-in")
     write(root / "unsloth" / "__init__.py", STAND_IN)
+    write(root / "unsloth_zoo" / "__init__.py", '"""Stand-in: the backend checks that unsloth_zoo is installed."""\n')
     path = os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     # LLFARM_PLATFORM=cuda lets `llfarm run --backend unsloth` past the GPU check on this CPU machine.
     return {"PYTHONPATH": path, "LLFARM_PLATFORM": "cuda"}
