@@ -84,9 +84,14 @@ def strategies_show(name: str, resolved: bool) -> None:
 
 
 def _print_sources(res) -> None:
+    from .platform import detect, resolve_precision
     from .strategy import _flatten
+    plat = detect()
     for key, value in _flatten(res.strategy.model_dump(mode="json")).items():
-        click.echo(f"{key} = {value!r}    # {res.source_of(key)}")
+        source = res.source_of(key)
+        if key == "training.precision" and value == "auto":
+            value, source = resolve_precision("auto", plat), f"platform default ({plat.name}; {source}: auto)"
+        click.echo(f"{key} = {value!r}    # {source}")
 
 
 @cli.command()

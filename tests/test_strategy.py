@@ -70,6 +70,10 @@ def test_validate_explain_prints_sources():
     lines = proc.stdout.splitlines()
     assert any(line.startswith("training.seed = 3") and "--set" in line for line in lines)
     assert any(line.startswith("training.batch_size = 8") and "extends cpu_lora_sft" in line for line in lines)
+    from llfarm.platform import detect, resolve_precision
+    plat = detect()
+    precision = llfarm("validate", "quickstart", "--explain").stdout
+    assert f"training.precision = '{resolve_precision('auto', plat)}'    # platform default ({plat.name}" in precision
     assert lines[-1].startswith("ok:")
 
 
