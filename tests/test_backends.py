@@ -115,3 +115,27 @@ def test_generate_from_sft_run(backend, runs_root):
     assert proc.returncode == 0, proc.stderr[-3000:]
     answer = proc.stdout.strip()
     assert answer and "<|im_end|>" not in answer
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend,case", [p for p in params() if p.values[1] in ("sft_lora", "sft_full")])
+def test_export_from_a_real_run(backend, case, runs_root, tmp_path):
+    """merged + GGUF + Modelfile from each backend's real LoRA and full runs; the GGUF computes the merged
+    model's logits (numpy forward over the GGUF alone vs transformers)."""
+    import numpy as np
+    from export_helpers import gguf_forward, hf_logits
+    from transformers import AutoTokenizer
+
+    run = run_dir_from(run_case(backend, case, runs_root))
+    proc = llfarm("export", str(run), "--format", "merged", "--format", "ollama", "--quant", "f32",
+                  "--out", str(tmp_path))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    gguf = next(tmp_path.glob("*-f32.gguf"))
+    assert "FROM ./" + gguf.name in (tmp_path / "Modelfile").read_text()
+    tok = AutoTokenizer.from_pretrained(tmp_path / "merged")
+    text = tok.apply_chat_template([{"role": "user", "content": "What is the capital of Peru?"}],
+                                   add_generation_prompt=True, tokenize=False)
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    diff = np.abs(gguf_forward(gguf, ids) - hf_logits(tmp_path / "merged", ids)).max()
+    assert diff < 1e-3, f"GGUF logits differ from the merged model's by {diff}"
+    assert manifest(run)["exports"][-1]["quant"] == "f32"
