@@ -21,7 +21,6 @@ from typing import Any
 from .errors import DataError, one_of
 from .resources import resolve_builtin_data
 
-SFT_FORMATS = ("alpaca", "messages", "sharegpt")
 PREFERENCE = "preference"
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
                   "system": "system", "chatgpt": "assistant", "bing": "assistant", "bard": "assistant"}

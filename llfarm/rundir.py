@@ -71,6 +71,8 @@ class RunDir:
         atomic_write_text(self.manifest_path, json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
 
     def update_manifest(self, **changes: Any) -> dict[str, Any]:
+        if "status" in changes and changes["status"] not in STATUSES:
+            raise ValueError(f"unknown run status {changes['status']!r}; expected one of {STATUSES}")
         data = self.read_manifest() if self.manifest_path.exists() else {}
         data.update(changes)
         data["updated_at"] = now_iso()
