@@ -5,12 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 
 from .errors import RunError
-from .rundir import RunDir
+from .rundir import RunDir, checkpoint_step
 
 
 def resume_run(run_dir: Path, max_steps: int | None = None):
-    from .backend import CompileContext, get_backend
-    from .runner import Prepared, prepare_run, write_command
+    from .runner import compile_into, prepare_run
     from .strategy import resolve
 
     run = RunDir(Path(run_dir))
@@ -20,18 +19,11 @@ def resume_run(run_dir: Path, max_steps: int | None = None):
         raise RunError("no checkpoint to resume from", where=str(run.checkpoints),
                        hint="checkpoints are written every training.save_every steps; start a new run instead")
     overrides = [f"training.max_steps={max_steps}"] if max_steps else []
-    res = resolve(run.strategy_path, overrides)
-    prep: Prepared = prepare_run(res, manifest["backend"])
-    backend = get_backend(manifest["backend"])
-    prep.data.write(run.native / "data")
-    ctx = CompileContext(strategy=res.strategy, run=run, platform=prep.platform, model_path=prep.model_path,
-                         data=prep.data, precision=prep.precision, resume_from=ckpt)
-    drop_metrics_after(run, int(ckpt.name.split("-")[-1]))
-    native = backend.compile(ctx)
-    write_command(run, native)
-    run.update_manifest(resumed_from=str(ckpt.relative_to(run.root)),
-                        total_steps=native.total_steps)
-    return ctx, native, backend
+    prep = prepare_run(resolve(run.strategy_path, overrides), manifest["backend"])
+    drop_metrics_after(run, checkpoint_step(ckpt))
+    ctx, native = compile_into(prep, run, resume_from=ckpt)
+    run.update_manifest(resumed_from=str(ckpt.relative_to(run.root)), total_steps=native.total_steps)
+    return ctx, native, prep.backend
 
 
 def drop_metrics_after(run: RunDir, step: int) -> None:

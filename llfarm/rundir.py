@@ -103,7 +103,12 @@ class RunDir:
 
     def latest_checkpoint(self) -> Path | None:
         ckpts = [p for p in self.checkpoints.glob("checkpoint-*") if p.is_dir() and p.name.split("-")[-1].isdigit()]
-        return max(ckpts, key=lambda p: int(p.name.split("-")[-1])) if ckpts else None
+        return max(ckpts, key=checkpoint_step) if ckpts else None
+
+
+def checkpoint_step(path: Path) -> int:
+    """The optimizer step a ``checkpoint-N`` directory holds."""
+    return int(path.name.split("-")[-1])
 
 
 def atomic_write_text(path: Path, text: str) -> None:

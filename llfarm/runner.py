@@ -85,17 +85,24 @@ def create_run(prep: Prepared, output: Path, run_id: str | None = None) -> tuple
         raise RunError(f"run directory already exists: {run.root}", hint="pass another --run-id or --output")
     run.create()
     try:
-        prep.data.write(run.native / "data")
         atomic_write_text(run.strategy_path, dump(prep.resolved))
-        ctx = CompileContext(strategy=s, run=run, platform=prep.platform, model_path=prep.model_path,
-                             data=prep.data, precision=prep.precision)
-        plan = prep.backend.compile(ctx)
-        write_command(run, plan)
+        ctx, plan = compile_into(prep, run)
         run.write_manifest(initial_manifest(prep, run, plan))
         return ctx, plan
     except BaseException:
         shutil.rmtree(run.root, ignore_errors=True)
         raise
+
+
+def compile_into(prep: Prepared, run: RunDir, resume_from: Path | None = None) -> tuple[CompileContext, NativePlan]:
+    """Write the normalized data into native/, compile with the chosen backend, record the command."""
+    prep.data.write(run.native / "data")
+    ctx = CompileContext(strategy=prep.resolved.strategy, run=run, platform=prep.platform,
+                         model_path=prep.model_path, data=prep.data, precision=prep.precision,
+                         resume_from=resume_from)
+    plan = prep.backend.compile(ctx)
+    write_command(run, plan)
+    return ctx, plan
 
 
 def write_command(run: RunDir, plan: NativePlan) -> None:
