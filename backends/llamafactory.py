@@ -304,10 +304,6 @@ class LlamaFactoryBackend(Backend):
                 f"no setting for model.dtype '{s.model.dtype}'", where="model.dtype",
                 hint=f"set model.dtype: auto, or training.precision: {PRECISION_OF[s.model.dtype]}, or use "
                      "--backend pytorch")
-        if s.quantization != "none" and platform.name != "cuda":
-            raise UnsupportedError(f"{s.quantization} bitsandbytes quantization needs a CUDA GPU; this machine has "
-                                   f"{platform.accelerator}", where="model.quantization",
-                                   hint="use model.quantization: none and method.type: lora here")
         if s.distributed.deepspeed:
             raise UnsupportedError("llfarm does not write DeepSpeed configs for LlamaFactory yet",
                                    where="distributed.deepspeed",

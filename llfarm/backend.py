@@ -125,10 +125,12 @@ class Backend:
                 hint = ("try " + " or ".join(f"--backend {a}" for a in alternatives)) if alternatives else None
                 raise UnsupportedError(f"backend '{self.name}' cannot run {what} '{value}': {reason}",
                                        hint=hint)
-        if strategy.quantization == "4bit" and platform.name != "cuda":
+        if strategy.quantization != "none" and platform.name != "cuda":
+            what = strategy.method.type if strategy.method.type == "qlora" else "model.quantization"
             raise UnsupportedError(
-                f"{strategy.method.type} (4-bit bitsandbytes) needs a CUDA GPU; this machine has "
-                f"{platform.accelerator}", hint="use method.type: lora on this machine, or run on a CUDA GPU")
+                f"{what} ({strategy.quantization} bitsandbytes) needs a CUDA GPU; this machine has "
+                f"{platform.accelerator}",
+                hint="use method.type: lora and model.quantization: none on this machine, or run on a CUDA GPU")
 
 
 def _supports(backend: Backend, what: str, value: str) -> bool:

@@ -187,3 +187,8 @@ def test_unwritable_output_folder(tmp_path):
     proc = llfarm("run", strategy(tmp_path, GOOD), "-o", str(blocker / "runs"))
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1 and "afile" in proc.stderr
+
+
+def test_8bit_quantization_without_gpu(tmp_path):
+    s = strategy(tmp_path, GOOD.replace('"builtin:tiny-llama"}', '"builtin:tiny-llama", quantization: 8bit}'))
+    fails(tmp_path, s, "--backend", "pytorch", expect=["model.quantization", "8bit", "needs a CUDA GPU"])
