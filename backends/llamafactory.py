@@ -375,7 +375,7 @@ class LlamaFactoryBackend(Backend):
         weights = "adapter_model.safetensors" if kind == "adapter" else "model.safetensors"
         src = run.checkpoints
         if not (src / weights).is_file() and not any(src.glob("model*.safetensors")):
-            raise RunError(f"LlamaFactory finished without writing {weights} into {src}", where=str(run.root),
+            raise RunError(f"LlamaFactory finished without writing {weights} into {src}", where=str(run),
                            hint=f"see {run.logs / 'train.log'}")
         for d in (dest, records):
             shutil.rmtree(d, ignore_errors=True)

@@ -5,6 +5,7 @@ stderr and exit code 2; nothing half-written stays behind.
 
 from __future__ import annotations
 
+import signal
 import sys
 from pathlib import Path
 
@@ -28,14 +29,29 @@ class LlfarmGroup(click.Group):
         except LlfarmError as exc:
             click.echo(f"llfarm: error: {exc.render()}", err=True)
             sys.exit(exc.exit_code)
+        except BrokenPipeError:
+            raise  # the reader went away (`llfarm plan x | head -1`): click ends quietly
         except OSError as exc:  # an unwritable --output, a folder given for a file, a full disk...
             where = f"{exc.filename}: " if exc.filename else ""
             click.echo(f"llfarm: error: {where}{exc.strerror or exc} — hint: check the path and its permissions",
                        err=True)
             sys.exit(2)
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as exc:
             click.echo("llfarm: interrupted", err=True)
-            sys.exit(130)
+            sys.exit(128 + getattr(exc, "signum", signal.SIGINT))
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a scheduler, `timeout`, a container stop) or SIGHUP (a closed terminal), handled like Ctrl-C:
+    forwarded to the training process, the run marked interrupted and resumable, exit code 128 + signal."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def _terminate(signum: int, frame) -> None:
+    raise Terminated(signum)
 
 
 @click.group(cls=LlfarmGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -94,24 +110,25 @@ def _print_sources(res) -> None:
         click.echo(f"{key} = {value!r}    # {source}")
 
 
+BACKEND_HELP = "pytorch, llamafactory, unsloth or auto (default: the strategy's)."
+
+
 @cli.command()
 @click.argument("strategy")
+@click.option("--backend", "-b", help=BACKEND_HELP)
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help=SET_HELP)
 @click.option("--explain", is_flag=True, help="Print every resolved value and where it came from.")
-def validate(strategy: str, overrides: tuple[str, ...], explain: bool) -> None:
-    """Check a strategy (schema, extends, --set, template, data) without running anything."""
-    from .data import prepare
-    from .models import resolve_model
+def validate(strategy: str, backend: str | None, overrides: tuple[str, ...], explain: bool) -> None:
+    """Check a strategy without running anything: every check `plan` makes short of compiling (schema, extends,
+    --set, backend and its capabilities and options, template, model path, data)."""
+    from .runner import prepare_run
     from .strategy import resolve
-    from .templates import load_template
     res = resolve(strategy, overrides)
-    load_template(res.strategy.template)
-    resolve_model(res.strategy.model.path)
-    data = prepare(res.strategy)
+    prep = prepare_run(res, backend, plan=True)
     if explain:
         _print_sources(res)
-    click.echo(f"ok: {res.file} — stage {res.strategy.stage}, method {res.strategy.method.type}, "
-               f"{data.n_train} training examples ({data.source_format})")
+    click.echo(f"ok: {res.file} — backend {prep.backend.name}, stage {res.strategy.stage}, method "
+               f"{res.strategy.method.type}, {prep.data.n_train} training examples ({prep.data.source_format})")
 
 
 @cli.command()
@@ -144,7 +161,7 @@ def backends() -> None:
 
 @cli.command()
 @click.argument("strategy")
-@click.option("--backend", "-b", help="pytorch, llamafactory, unsloth or auto (default: the strategy's).")
+@click.option("--backend", "-b", help=BACKEND_HELP)
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help=SET_HELP)
 @click.option("--out", type=click.Path(path_type=Path), help="Keep the native files in this directory.")
 def plan(strategy: str, backend: str | None, overrides: tuple[str, ...], out: Path | None) -> None:
@@ -175,12 +192,12 @@ def plan(strategy: str, backend: str | None, overrides: tuple[str, ...], out: Pa
             click.echo(f"# ---- {f.relative_to(ctx.run.root) if out else f.name}")
             click.echo(f.read_text(encoding="utf-8").rstrip("\n"))
         if out:
-            click.echo(f"# written to {ctx.run.root}")
+            click.echo(f"# written to {ctx.run}")
 
 
 @cli.command()
 @click.argument("strategy")
-@click.option("--backend", "-b", help="pytorch, llamafactory, unsloth or auto (default: the strategy's).")
+@click.option("--backend", "-b", help=BACKEND_HELP)
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help=SET_HELP)
 @click.option("--output", "-o", type=click.Path(path_type=Path), default=Path("runs"), show_default=True,
               help="Folder that holds run directories.")
@@ -194,32 +211,41 @@ def run(strategy: str, backend: str | None, overrides: tuple[str, ...], output: 
     res = resolve(strategy, overrides)
     prep = prepare_run(res, backend)
     ctx, native = create_run(prep, output, run_id)
-    click.echo(f"run: {ctx.run.root} (backend {prep.backend.name}, stage {res.strategy.stage}, "
+    click.echo(f"run: {ctx.run} (backend {prep.backend.name}, stage {res.strategy.stage}, "
                f"{native.total_steps} steps)", err=True)
     _execute_and_finish(ctx, native, prep.backend, verbose)
 
 
 def _execute_and_finish(ctx, native, backend, verbose: bool) -> None:
     from .errors import TrainingFailed
-    from .runner import execute, finish, tail
+    from .runner import execute, finish, mark_interrupted, tail
+    run = ctx.run
     code = execute(ctx, native, verbose=verbose)
-    if code == 130:
-        click.echo(f"interrupted; resume with: llfarm resume {ctx.run.root}", err=True)
-        click.echo(str(ctx.run.root))
-        sys.exit(130)
+    if run.read_manifest().get("status") == "interrupted":
+        _interrupted(run, code)
     if code != 0:
-        click.echo(tail(ctx.run.logs / "train.log"), err=True)
-        raise TrainingFailed(f"the {backend.name} process exited with code {code}", where=str(ctx.run.root),
-                       hint=f"full log: {ctx.run.logs / 'train.log'}")
-    result = finish(ctx, backend)
-    fm = ctx.run.read_manifest().get("final_metrics", {})
+        click.echo(tail(run.logs / "train.log"), err=True)
+        raise TrainingFailed(f"the {backend.name} process exited with code {code}", where=str(run),
+                             hint=f"full log: {run.show(run.logs / 'train.log')}")
+    try:
+        result = finish(ctx, backend)
+    except KeyboardInterrupt as exc:      # training is done and checkpointed; collecting it was cut short
+        mark_interrupted(run)
+        _interrupted(run, 128 + getattr(exc, "signum", signal.SIGINT))
+    fm = run.read_manifest().get("final_metrics", {})
     if "first_loss" in fm:
         click.echo(f"loss {fm['first_loss']:.4f} → {fm['final_loss']:.4f} over {fm.get('steps')} steps; "
-                   f"{result.output_kind}: {result.output_dir}", err=True)
+                   f"{result.output_kind}: {run.show(result.output_dir)}", err=True)
     formats = list(ctx.strategy.export.formats)
     if formats:
-        _do_export(ctx.run.root, formats, ctx.strategy.export.quant, None, ctx.strategy.export.name)
-    click.echo(str(ctx.run.root))
+        _do_export(run, formats, ctx.strategy.export.quant, None, ctx.strategy.export.name)
+    click.echo(str(run))
+
+
+def _interrupted(run, code: int) -> None:
+    click.echo(f"interrupted; resume with: llfarm resume {run}", err=True)
+    click.echo(str(run))
+    sys.exit(code)
 
 
 @cli.command()
@@ -230,7 +256,7 @@ def resume(run_dir: Path, max_steps: int | None, verbose: bool) -> None:
     """Continue an interrupted or finished run from its latest checkpoint, in the same run directory."""
     from .resume import resume_run
     ctx, native, backend = resume_run(run_dir, max_steps)
-    click.echo(f"resuming {ctx.run.root} from {ctx.resume_from.name}", err=True)
+    click.echo(f"resuming {ctx.run} from {ctx.resume_from.name}", err=True)
     _execute_and_finish(ctx, native, backend, verbose)
 
 
@@ -264,26 +290,40 @@ def generate(run_dir: Path, prompt: tuple[str, ...], max_new_tokens: int, temper
 @click.option("--name", help="Model name for the file and `ollama create` (default: the strategy name).")
 def export(run_dir: Path, formats: tuple[str, ...], quant: str, out: Path | None, name: str | None) -> None:
     """Export a run: merged HF model, GGUF (f32/f16/q8_0), and an Ollama Modelfile."""
-    _do_export(run_dir, list(formats), quant, out, name)
+    from .rundir import RunDir
+    _do_export(RunDir(run_dir), list(formats), quant, out, name)
 
 
-def _do_export(run_dir: Path, formats: list[str], quant: str, out: Path | None, name: str | None) -> None:
+def _do_export(run, formats: list[str], quant: str, out: Path | None, name: str | None) -> None:
+    """Export and record it in the manifest: paths inside the run relative to it, others absolute (a later
+    command, run from anywhere, finds them); paths are shown the way the user named the run and --out."""
+    import os
+
     from .compat import quiet_libraries
     from .export import export_name, export_run, ollama_create_command
-    from .rundir import RunDir
     quiet_libraries()
-    run = RunDir(Path(run_dir))
-    paths = export_run(run.root, formats, quant=quant, out=out, name=name)
+    out_abs = Path(os.path.abspath(out)) if out else None
+    paths = export_run(run, formats, quant=quant, out=out_abs, name=name)
+
+    def shown(p: Path) -> str:
+        if out_abs is not None and p.is_relative_to(out_abs):
+            return str(out / p.relative_to(out_abs))
+        return run.show(p)
+
     for p in paths:
-        click.echo(f"wrote {p}", err=True)
+        click.echo(f"wrote {shown(p)}", err=True)
     recorded = run.read_manifest().get("exports", [])
-    run.update_manifest(exports=recorded + [{"formats": formats, "quant": quant, "paths": [str(p) for p in paths]}])
+    kept = [str(p.relative_to(run.root)) if p.is_relative_to(run.root) else str(p) for p in paths]
+    run.update_manifest(exports=recorded + [{"formats": formats, "quant": quant, "paths": kept}])
     modelfiles = [p for p in paths if p.name == "Modelfile"]
     if modelfiles:
-        click.echo(f"load it in Ollama: {ollama_create_command(modelfiles[0], export_name(run.root, name))}", err=True)
+        command = ollama_create_command(Path(shown(modelfiles[0])), export_name(run.root, name))
+        click.echo(f"load it in Ollama: {command}", err=True)
 
 
 def main() -> None:
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, _terminate)
     cli(prog_name="llfarm")
 
 

@@ -24,7 +24,7 @@ class Generator:
         manifest = run.read_manifest()
         if manifest.get("stage") == "rm":
             raise RunError("this run trained a reward model, which scores text rather than generating it",
-                           where=str(run.root), hint="generate from an sft or dpo run")
+                           where=str(run), hint="generate from an sft or dpo run")
         out = run.output_dir()
         template = load_template(manifest.get("template", "chatml"))
         model, tokenizer = load_for_inference(manifest["model_path"], out, manifest.get("output_kind", "adapter"))

@@ -18,7 +18,7 @@ import json
 import os
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +29,26 @@ STATUSES = ("created", "running", "completed", "failed", "interrupted")
 
 @dataclass(frozen=True)
 class RunDir:
+    """A run directory. ``root`` is always absolute: the training child runs with another working directory and
+    later commands run from anywhere. ``shown`` is the path as the user gave it (``runs/<id>``), for messages."""
     root: Path
+    shown: str = field(default="", compare=False)
+
+    def __post_init__(self) -> None:
+        given = Path(self.root)
+        object.__setattr__(self, "root", Path(os.path.abspath(given.expanduser())))
+        if not self.shown:
+            object.__setattr__(self, "shown", str(given))
+
+    def __str__(self) -> str:
+        return self.shown
+
+    def show(self, path: Path) -> str:
+        """A path inside the run as the user would write it (under the run directory as they named it)."""
+        try:
+            return str(Path(self.shown) / Path(path).relative_to(self.root))
+        except ValueError:
+            return str(path)
 
     @property
     def manifest_path(self) -> Path: return self.root / "manifest.json"
@@ -62,10 +81,10 @@ class RunDir:
         try:
             return json.loads(self.manifest_path.read_text(encoding="utf-8"))
         except FileNotFoundError:
-            raise RunError("not a run directory (no manifest.json)", where=str(self.root),
+            raise RunError("not a run directory (no manifest.json)", where=self.shown,
                            hint="pass a directory printed by `llfarm run`, e.g. runs/<run-id>") from None
         except json.JSONDecodeError as exc:
-            raise RunError(f"manifest.json is corrupt: {exc.msg}", where=str(self.manifest_path)) from None
+            raise RunError(f"manifest.json is corrupt: {exc.msg}", where=self.show(self.manifest_path)) from None
 
     def write_manifest(self, data: dict[str, Any]) -> None:
         atomic_write_text(self.manifest_path, json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
@@ -85,7 +104,7 @@ class RunDir:
         for d in (self.adapter, self.model):
             if d.is_dir() and any(d.iterdir()):
                 return d
-        raise RunError("the run has no adapter/ or model/ (did training finish?)", where=str(self.root),
+        raise RunError("the run has no adapter/ or model/ (did training finish?)", where=self.shown,
                        hint="check manifest.json's status and logs/, or resume with `llfarm resume`")
 
     def read_metrics(self) -> list[dict[str, Any]]:

@@ -82,7 +82,7 @@ def create_run(prep: Prepared, output: Path, run_id: str | None = None) -> tuple
     s = prep.resolved.strategy
     run = RunDir(output / (run_id or new_run_id(s.name)))
     if run.root.exists():
-        raise RunError(f"run directory already exists: {run.root}", hint="pass another --run-id or --output")
+        raise RunError(f"run directory already exists: {run}", hint="pass another --run-id or --output")
     run.create()
     try:
         atomic_write_text(run.strategy_path, dump(prep.resolved))
@@ -180,7 +180,7 @@ def execute(ctx: CompileContext, plan: NativePlan, *, verbose: bool = False, qui
 
         reader = threading.Thread(target=pump, daemon=True)
         reader.start()
-        interrupted = False
+        interrupted: int | None = None          # the signal that stopped the run (SIGINT, SIGTERM, SIGHUP)
         progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                             TextColumn("{task.fields[info]}"), TimeElapsedColumn(), console=console,
                             disable=quiet or verbose, transient=False)
@@ -189,31 +189,41 @@ def execute(ctx: CompileContext, plan: NativePlan, *, verbose: bool = False, qui
                                      info="starting")
             while True:
                 try:
-                    code = proc.wait(timeout=0.5)
-                    break
-                except subprocess.TimeoutExpired:
-                    _update_progress(progress, task, run)
-                except KeyboardInterrupt:
-                    interrupted = True
-                    _signal(proc, signal.SIGINT)
                     try:
-                        code = proc.wait(timeout=30)
-                    except (subprocess.TimeoutExpired, KeyboardInterrupt):
-                        _signal(proc, signal.SIGKILL)
-                        code = proc.wait()
+                        code = proc.wait(timeout=0.5)
+                        break
+                    except subprocess.TimeoutExpired:
+                        _update_progress(progress, task, run)
+                except KeyboardInterrupt as exc:   # Ctrl-C, or SIGTERM/SIGHUP (cli.Terminated)
+                    interrupted = getattr(exc, "signum", signal.SIGINT)
+                    code = _stop(proc, interrupted)
                     break
             _update_progress(progress, task, run)
         reader.join(timeout=5)
     elapsed = round(time.time() - started, 2)
     timings = dict(run.read_manifest().get("timings", {}), train_s=elapsed)
-    if interrupted:
-        run.update_manifest(status="interrupted", timings=timings, ended_at=now_iso())
-        return 130
+    if interrupted is not None:
+        mark_interrupted(run, timings=timings, signal=signal.Signals(interrupted).name)
+        return 128 + interrupted
     if code != 0:
         run.update_manifest(status="failed", exit_code=code, timings=timings, ended_at=now_iso())
     else:
         run.update_manifest(timings=timings)
     return code
+
+
+def _stop(proc: subprocess.Popen, signum: int) -> int:
+    """Forward the signal to the backend's process group; after 30 s (or a second signal), kill it."""
+    _signal(proc, signum)
+    try:
+        return proc.wait(timeout=30)
+    except (subprocess.TimeoutExpired, KeyboardInterrupt):
+        _signal(proc, signal.SIGKILL)
+        return proc.wait()
+
+
+def mark_interrupted(run: RunDir, **changes: Any) -> None:
+    run.update_manifest(status="interrupted", ended_at=now_iso(), **changes)
 
 
 def plan_backend(run: RunDir) -> str:

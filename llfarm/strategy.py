@@ -19,7 +19,7 @@ from .errors import StrategyError, did_you_mean
 from .resources import strategies_dir
 from .schema import Strategy
 
-PATH_KEYS = ("data.train", "data.eval", "distributed.deepspeed")
+PATH_KEYS = ("data.train", "data.eval", "distributed.deepspeed", "template", "model.path")
 SECRET_WORDS = ("token", "secret", "password", "api_key", "apikey")
 
 
@@ -138,22 +138,36 @@ def set_path(data: dict[str, Any], key: str, value: Any) -> None:
     cur[parts[-1]] = value
 
 
+def absolute_path(key: str, value: Any, base: Path) -> Any:
+    """A path-valued key's relative path made absolute against ``base``: the strategy file's folder for values in a
+    file, the current directory for ``--set``. Stored absolute, the resolved strategy means the same thing to the
+    training child (which runs in the run directory) and to later commands run from anywhere. Names that are not
+    paths (builtin:NAME, a hub id, a shipped template, zero2) are left as they are."""
+    if not isinstance(value, str) or not value:
+        return value
+    if value.startswith("~"):
+        value = str(Path(value).expanduser())
+    if Path(value).is_absolute():
+        return value
+    if key in ("data.train", "data.eval"):
+        is_path = ":" not in value.split("/")[0]
+    elif key == "distributed.deepspeed":
+        is_path = value.endswith(".json")
+    elif key == "template":
+        is_path = value.endswith((".yaml", ".yml"))
+    elif key == "model.path":
+        is_path = value.startswith(".") or (base / value).is_dir()
+    else:
+        return value
+    return str((base / value).resolve()) if is_path else value
+
+
 def _absolutize_paths(data: dict[str, Any], base: Path) -> None:
     for key in PATH_KEYS:
-        section, _, leaf = key.partition(".")
-        value = (data.get(section) or {}).get(leaf) if isinstance(data.get(section), dict) else None
-        if isinstance(value, str) and value and ":" not in value.split("/")[0] and not Path(value).is_absolute():
-            if key == "distributed.deepspeed" and not value.endswith(".json"):
-                continue
-            data[section][leaf] = str((base / value).resolve())
-    tpl = data.get("template")
-    if isinstance(tpl, str) and tpl.endswith((".yaml", ".yml")) and not Path(tpl).is_absolute():
-        data["template"] = str((base / tpl).resolve())
-    model = data.get("model")
-    if isinstance(model, dict) and isinstance(model.get("path"), str):
-        p = model["path"]
-        if p.startswith((".", "/")) or (base / p).is_dir():
-            model["path"] = str((base / p).resolve()) if not Path(p).is_absolute() else p
+        section, _, leaf = key.rpartition(".")
+        holder = data.get(section) if section else data
+        if isinstance(holder, dict) and leaf in holder:
+            holder[leaf] = absolute_path(key, holder[leaf], base)
 
 
 def _load_layers(path: Path, chain: tuple[Path, ...] = ()) -> tuple[dict[str, Any], dict[str, str]]:
@@ -250,9 +264,7 @@ def resolve(ref: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Res
     data, sources = _load_layers(path)
     for item in overrides:
         key, value = parse_set(item)
-        if key in PATH_KEYS and isinstance(value, str) and ":" not in value and not Path(value).is_absolute():
-            value = str(Path(value).resolve())
-        set_path(data, key, value)
+        set_path(data, key, absolute_path(key, value, Path.cwd()))
         for k in [key, *(_flatten(value, key + ".") if isinstance(value, dict) else [])]:
             sources[k] = f"--set {item}"
     strategy = validate(data, file=path, sources=sources)

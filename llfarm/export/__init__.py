@@ -43,14 +43,14 @@ def export_name(run_dir: Path, name: str | None = None) -> str:
     return model_name(name or Path(run_dir).resolve().name)
 
 
-def export_run(run_dir: Path, formats: list[str], quant: str = "q8_0", out: Path | None = None,
+def export_run(run_dir: Path | RunDir, formats: list[str], quant: str = "q8_0", out: Path | None = None,
                name: str | None = None) -> list[Path]:
     """Export ``run_dir`` in ``formats`` (merged, gguf, ollama; ollama implies gguf) and return the paths written.
 
     ``quant`` (f32, f16, q8_0) applies to the GGUF; ``out`` defaults to ``RUN/exports``; ``name`` to the strategy name.
     Raises :class:`ExportError` (nothing written) when the run cannot be exported faithfully.
     """
-    job = _plan(Path(run_dir), formats, quant, out, name)
+    job = _plan(run_dir if isinstance(run_dir, RunDir) else RunDir(Path(run_dir)), formats, quant, out, name)
     return _execute(job)
 
 
@@ -76,8 +76,7 @@ class _Job:
         return f"{self.name}-{self.quant}.gguf"
 
 
-def _plan(run_dir: Path, formats: list[str], quant: str, out: Path | None, name: str | None) -> _Job:
-    run = RunDir(run_dir)
+def _plan(run: RunDir, formats: list[str], quant: str, out: Path | None, name: str | None) -> _Job:
     manifest = run.read_manifest()
     wanted = _check_formats(formats)
     if quant not in QUANTS:
@@ -87,17 +86,17 @@ def _plan(run_dir: Path, formats: list[str], quant: str, out: Path | None, name:
     needs_gguf = "gguf" in wanted
     if stage == "rm" and needs_gguf:
         raise ExportError("a reward model (stage rm) is not a causal LM, so it has no GGUF or Ollama form",
-                          where=str(run.root), hint="export it with --format merged")
+                          where=str(run), hint="export it with --format merged")
 
     template = _load_run_template(manifest)
     if "ollama" in wanted and template is None:
         raise ExportError("the run names no chat template, so a Modelfile TEMPLATE cannot match training",
-                          where=str(run.manifest_path), hint="export --format gguf or merged")
+                          where=run.show(run.manifest_path), hint="export --format gguf or merged")
 
     kind = manifest.get("output_kind")
     source = run.adapter if kind == "adapter" else run.model if kind == "model" else run.output_dir()
     if not source.is_dir() or not any(source.iterdir()):
-        raise ExportError(f"the run has no {source.name}/ to export", where=str(run.root),
+        raise ExportError(f"the run has no {source.name}/ to export", where=str(run),
                           hint="check manifest.json's status and logs/ (did training finish?)")
     adapter = source if source == run.adapter else None
     base = None
@@ -110,7 +109,7 @@ def _plan(run_dir: Path, formats: list[str], quant: str, out: Path | None, name:
         render_modelfile("x.gguf", template, eos_token=eos_token, system=manifest.get("system"), model_name="x")
     if needs_gguf:
         _check_gguf_source(source if adapter is None else None, base, tokenizer_dir)
-    return _Job(run=run, formats=wanted, quant=quant, out=Path(out) if out else run.exports,
+    return _Job(run=run, formats=wanted, quant=quant, out=Path(out).absolute() if out else run.exports,
                 name=export_name(run.root, name), stage=stage, template=template, system=manifest.get("system"),
                 adapter=adapter, model=None if adapter else source, base=base, eos_token=eos_token)
 
