@@ -110,7 +110,7 @@ def _print_sources(res) -> None:
         click.echo(f"{key} = {value!r}    # {source}")
 
 
-BACKEND_HELP = "pytorch, llamafactory, unsloth or auto (default: the strategy's)."
+BACKEND_HELP = "A backend listed by `llfarm backends`, or auto (default: the strategy's)."
 
 
 @cli.command()
@@ -151,6 +151,7 @@ def backends() -> None:
         status = "; ".join(problems) or "ready"
         caps = b.capabilities.table()
         click.echo(f"{b.name:<13} {status}")
+        click.echo(f"{'':<13} {b.summary}{' (the default)' if b.default else ''}")
         click.echo(f"{'':<13} stages {','.join(caps['stages'])}; methods {','.join(caps['methods'])}; "
                    f"quantization {','.join(caps['quantization'])}; platforms {','.join(caps['platforms'])}")
     for name, why in BROKEN.items():
@@ -187,6 +188,7 @@ def plan(strategy: str, backend: str | None, overrides: tuple[str, ...], out: Pa
         click.echo(f"# model: {prep.model_path}")
         click.echo(f"# data: {prep.data.n_train} train / {prep.data.n_eval} eval ({prep.data.source_format})")
         click.echo(f"# steps: {native.total_steps}")
+        click.echo(f"# trainer: {native.trainer}")
         click.echo(f"# command: {native.command_line()}")
         for f in native.files:
             click.echo(f"# ---- {f.relative_to(ctx.run.root) if out else f.name}")

@@ -36,7 +36,6 @@ class PreparedData:
     n_train: int
     n_eval: int
     sources: dict[str, str] = field(default_factory=dict)   # original path → sha256
-    train_source: Path | None = None
     train_rows: list[dict[str, Any]] = field(default_factory=list, repr=False)
     eval_rows: list[dict[str, Any]] = field(default_factory=list, repr=False)
 
@@ -275,16 +274,5 @@ def prepare(strategy) -> PreparedData:
         train = [r for i, r in enumerate(train) if i not in held]
     kind = "preference" if strategy.stage in ("dpo", "rm") else "sft"
     return PreparedData(kind=kind, source_format=fmt, train_path=Path("train.jsonl"), eval_path=None,
-                        n_train=len(train), n_eval=len(evals), sources=sources, train_source=train_src,
+                        n_train=len(train), n_eval=len(evals), sources=sources,
                         train_rows=train, eval_rows=evals)
-
-
-def total_steps(strategy, n_train: int, world_size: int = 1) -> int:
-    """Optimizer steps the run will take (as transformers computes them)."""
-    import math
-    t = strategy.training
-    if t.max_steps:
-        return t.max_steps
-    batches = math.ceil(n_train / (t.batch_size * world_size))
-    per_epoch = max(batches // t.grad_accum, 1) if batches else 0
-    return math.ceil(t.epochs * per_epoch)

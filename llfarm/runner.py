@@ -22,17 +22,17 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__
-from .backend import Backend, CompileContext, NativePlan, RunResult, choose_backend, plan_platform, planning
-from .data import PreparedData, prepare, total_steps
+from .backend import Backend, CompileContext, NativePlan, RunResult, choose_backend, plan_platform, planning, registry
+from .data import PreparedData, prepare
 from .errors import DataError, LlfarmError, RunError
 from .models import resolve_model
 from .platform import Platform, detect, resolve_precision
 from .rundir import RunDir, atomic_write_text, new_run_id, now_iso
 from .strategy import Resolved, dump
 from .templates import load_template
+from .training import total_steps
 
-LIBRARIES = ("llfarm", "torch", "transformers", "peft", "trl", "accelerate", "datasets", "llamafactory",
-             "unsloth", "gguf", "bitsandbytes")
+CORE_LIBRARIES = ("llfarm", "datasets", "gguf")   # + every registered backend's distributions
 SECRET_RE = re.compile(r"hf_[A-Za-z0-9]{20,}")
 
 
@@ -53,9 +53,11 @@ def prepare_run(resolved: Resolved, backend: str | None = None, *, plan: bool = 
     load_template(strategy.template)                  # unknown template → exit 2 now, not mid-run
     with planning() if plan else nullcontext():
         plat = plan_platform(strategy, detect(), backend) if plan else detect()
-        chosen = choose_backend(strategy, plat, backend)
+        choose_backend(strategy, plat, backend)       # refuse early, before the data is read
     model_path = resolve_model(strategy.model.path)
     data = prepare(strategy)
+    with planning() if plan else nullcontext():       # then what the backend refuses in this data
+        chosen = choose_backend(strategy, plat, backend, data)
     steps = total_steps(strategy, data.n_train)
     if steps < 1:
         raise DataError(f"the strategy trains for zero steps ({data.n_train} examples, epochs "
@@ -68,7 +70,8 @@ def prepare_run(resolved: Resolved, backend: str | None = None, *, plan: bool = 
 def library_versions() -> dict[str, str | None]:
     from importlib.metadata import PackageNotFoundError, version
     out: dict[str, str | None] = {}
-    for lib in LIBRARIES:
+    libraries = dict.fromkeys([*CORE_LIBRARIES, *(d for b in registry().values() for d in b.distributions)])
+    for lib in libraries:
         try:
             out[lib] = version(lib)
         except PackageNotFoundError:
@@ -153,7 +156,7 @@ def child_env(plan: NativePlan) -> dict[str, str]:
     return env
 
 
-def execute(ctx: CompileContext, plan: NativePlan, *, verbose: bool = False, quiet: bool = False) -> int:
+def execute(ctx: CompileContext, plan: NativePlan, *, verbose: bool = False) -> int:
     """Run the backend process; returns its exit code. Ctrl-C is forwarded; the status says what happened."""
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -183,7 +186,7 @@ def execute(ctx: CompileContext, plan: NativePlan, *, verbose: bool = False, qui
         interrupted: int | None = None          # the signal that stopped the run (SIGINT, SIGTERM, SIGHUP)
         progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                             TextColumn("{task.fields[info]}"), TimeElapsedColumn(), console=console,
-                            disable=quiet or verbose, transient=False)
+                            disable=verbose, transient=False)
         with progress:
             task = progress.add_task(f"{ctx.strategy.stage} · {plan_backend(run)}", total=plan.total_steps,
                                      info="starting")

@@ -97,7 +97,8 @@ class Strategy(Section):
     name: str = Field(..., min_length=1, max_length=100, description="Short name; used in run ids.")
     description: str = Field("", description="One line about what this strategy does.")
     extends: str | None = Field(None, description="Inherit another strategy (shipped name or path).")
-    backend: str = Field("pytorch", description="pytorch, llamafactory, unsloth, or auto.")
+    backend: str = Field(default_factory=lambda: _default_backend(),
+                         description="A backend from `llfarm backends`, or auto (default: the default backend).")
     model: ModelSpec = Field(default_factory=ModelSpec)
     template: str = Field("chatml", description="Chat template name (templates/) or a template YAML path.")
     stage: Literal["sft", "dpo", "rm"] = Field("sft", description="sft, dpo (preference), rm (reward model).")
@@ -117,3 +118,8 @@ class Strategy(Section):
     @property
     def quantization(self) -> str:
         return "4bit" if self.method.type == "qlora" else self.model.quantization
+
+
+def _default_backend() -> str:
+    from .backend import default_backend
+    return default_backend()
