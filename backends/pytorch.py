@@ -10,9 +10,8 @@ from __future__ import annotations
 
 import json
 import sys
-from pathlib import Path
 
-from llfarm.backend import Backend, Capabilities, CompileContext, NativePlan, RunResult, launcher_argv
+from llfarm.backend import Backend, Capabilities, CompileContext, NativePlan, RunResult, launcher_argv, offline_env
 from llfarm.rundir import atomic_write_text, read_json
 from llfarm.training import TrainerOptions, total_steps, trainer_spec, write_deepspeed
 
@@ -44,7 +43,7 @@ class PytorchBackend(Backend):
         path = run.native / SPEC
         atomic_write_text(path, json.dumps(spec, indent=2) + "\n")
         argv = launcher_argv(s, [sys.executable], ["-m", "llfarm.trainer", str(path)])
-        return NativePlan(argv=argv, env={"HF_HUB_OFFLINE": "1"} if Path(ctx.model_path).is_dir() else {},
+        return NativePlan(argv=argv, env=offline_env(ctx),
                           cwd=run.root, files=[path], total_steps=steps,
                           trainer=f"trl.{spec['trainer']}(args=trl.{spec['config']}(**{SPEC}['args']))")
 

@@ -18,12 +18,11 @@ from __future__ import annotations
 
 import json
 import sys
-from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import Field
 
-from llfarm.backend import Backend, Capabilities, CompileContext, NativePlan, RunResult
+from llfarm.backend import Backend, Capabilities, CompileContext, NativePlan, RunResult, offline_env
 from llfarm.errors import BackendUnavailable, RunError, UnsupportedError
 from llfarm.platform import Platform
 from llfarm.rundir import atomic_write_text, read_json
@@ -155,9 +154,7 @@ class UnslothBackend(Backend):
         env = {"UNSLOTH_DISABLE_STATISTICS": "1",   # no telemetry download from the hub on start
                # Unsloth writes the code it generates (patched trainers, compiled modules) into
                # ./unsloth_compiled_cache by default; keep the run directory's top level normalized.
-               "UNSLOTH_COMPILE_LOCATION": str(run.native / "unsloth_compiled_cache")}
-        if Path(ctx.model_path).is_dir():
-            env["HF_HUB_OFFLINE"] = "1"
+               "UNSLOTH_COMPILE_LOCATION": str(run.native / "unsloth_compiled_cache"), **offline_env(ctx)}
         return NativePlan(argv=[sys.executable, str(script_path), str(spec_path)], env=env, cwd=run.root,
                           files=[script_path, spec_path], total_steps=steps,
                           trainer=f"unsloth-patched trl.{spec['trainer']}(args=trl.{spec['config']}(**{SPEC}['args']))")

@@ -154,13 +154,15 @@ class Backend:
     def check_resume(self, strategy: Strategy) -> None:
         resumable = self.capabilities.resumable
         if resumable is not None and strategy.stage not in resumable:
-            self.refuse("resume", strategy.stage, f"it resumes stage {one_of(resumable)}", verb="resume")
+            self.refuse("resume", strategy.stage, f"it resumes stage {one_of(resumable)}",
+                        f"resume a stage '{strategy.stage}' run")
 
-    def refuse(self, what: str, value: str, default_reason: str, verb: str = "run") -> None:
+    def refuse(self, what: str, value: str, default_reason: str, action: str | None = None) -> None:
         reason = self.capabilities.reasons.get(f"{what}:{value}", default_reason)
         alternatives = [b.name for b in registry().values() if b.name != self.name and _supports(b, what, value)]
         hint = ("try " + " or ".join(f"--backend {a}" for a in alternatives)) if alternatives else None
-        raise UnsupportedError(f"backend '{self.name}' cannot {verb} {what} '{value}': {reason}", hint=hint)
+        raise UnsupportedError(f"backend '{self.name}' cannot {action or f'run {what} {value!r}'}: {reason}",
+                               hint=hint)
 
 
 def _supports(backend: Backend, what: str, value: str) -> bool:
@@ -169,6 +171,11 @@ def _supports(backend: Backend, what: str, value: str) -> bool:
         return caps.resumable is None or value in caps.resumable
     return value in {"stage": caps.stages, "method": caps.methods, "quantization": caps.quantization,
                      "launcher": caps.launchers, "platform": caps.platforms}[what]
+
+
+def offline_env(ctx: CompileContext) -> dict[str, str]:
+    """A local model needs no hub: the child runs with HF_HUB_OFFLINE=1 (a hub id keeps the hub reachable)."""
+    return {"HF_HUB_OFFLINE": "1"} if Path(ctx.model_path).is_dir() else {}
 
 
 def launcher_argv(strategy: Strategy, python: list[str], entry: list[str]) -> list[str]:

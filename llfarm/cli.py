@@ -61,7 +61,8 @@ def cli() -> None:
 
     \b
     llfarm strategies list
-    llfarm plan quickstart --backend llamafactory
+    llfarm backends
+    llfarm plan quickstart --backend auto
     llfarm run quickstart
     llfarm generate runs/<id> --prompt "What is the capital of France?"
     llfarm export runs/<id> --format ollama

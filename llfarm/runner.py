@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import os
 import re
-from contextlib import nullcontext
 import shutil
 import signal
 import subprocess
 import sys
 import threading
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any

@@ -303,8 +303,8 @@ def strategy_keys() -> set[str]:
     """Every key path of the schema (training.learning_rate, ...)."""
     def walk(model: type[BaseModel], prefix: str) -> set[str]:
         out: set[str] = set()
-        for name, field in model.model_fields.items():
-            ann = field.annotation
+        for name, info in model.model_fields.items():
+            ann = info.annotation
             if isinstance(ann, type) and issubclass(ann, BaseModel):
                 out |= walk(ann, f"{prefix}{name}.")
             else:

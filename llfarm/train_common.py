@@ -1,4 +1,4 @@
-"""Training pieces shared by the in-process trainers (the pytorch worker and the Unsloth script).
+"""Training pieces shared by every trainer process (llfarm.trainer, and LlamaFactory's entry for the tokenizer).
 
 Rendering uses the strategy's template (templates/), so training, generation and export agree on the text.
 Loss is on the answer only: SFT examples become token ids plus a completion mask (the final assistant turn).
@@ -69,10 +69,6 @@ def tokenize_pairs(rows: list[dict[str, Any]], template: ChatTemplate, tokenizer
             pair[f"{k}_input_ids"] = tokenizer(text, add_special_tokens=False)["input_ids"][:max_length]
         out.append(pair)
     return out
-
-
-def lora_targets(target_modules: str | list[str]) -> str | list[str]:
-    return "all-linear" if target_modules == "all" else list(target_modules)
 
 
 def freeze_all_but_last(model, n_layers: int) -> list[str]:

@@ -1,6 +1,6 @@
 """The trainer child shared by every Hugging Face–based backend:
 
-    python -m llfarm.trainer native/trainer.json          # the pytorch backend (transformers + PEFT loader)
+    python -m llfarm.trainer native/trainer.json          # the transformers + PEFT loader (load_transformers)
     python native/train_unsloth.py native/trainer.json    # the Unsloth backend: the same run(), its own loader
 
 ``trainer.json`` is the spec ``llfarm.training.trainer_spec`` computed at compile time (``llfarm plan`` shows it).
@@ -57,7 +57,7 @@ def run(spec: dict[str, Any], load: Loader | None = None, *, extra_final: dict[s
     return 0
 
 
-# ---------------------------------------------------------------- loading (the pytorch backend's loader)
+# ---------------------------------------------------------------- loading: transformers + PEFT
 
 def load_transformers(spec: dict[str, Any], template) -> tuple[Any, Any, Any]:
     """transformers' Auto classes, bitsandbytes when asked; the adapter is a LoraConfig TRL applies."""

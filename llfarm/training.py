@@ -1,8 +1,8 @@
 """The one training layer: a strategy → exactly what a Hugging Face / TRL trainer is given.
 
 Computed at compile time (pure: no torch, transformers or backend import), written into the run's native files and
-shown by ``llfarm plan``. Every Hugging Face–based backend uses it: the pytorch and Unsloth backends hand the whole
-spec to the shared trainer child (``llfarm.trainer``; only the model loader differs), and LlamaFactory's config
+shown by ``llfarm plan``. Every Hugging Face–based backend uses it: the transformers/PEFT and Unsloth backends hand
+the whole spec to the shared trainer child (``llfarm.trainer``; only the model loader differs), and LlamaFactory's config
 builder takes the TrainingArguments it shares from :func:`training_arguments`. A strategy key is mapped here once.
 
     spec = trainer_spec(ctx, total_steps)     # JSON-able

@@ -48,3 +48,17 @@ def write(path: Path, text: str) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text, encoding="utf-8")
     return path
+
+
+HEAVY = ("torch", "transformers", "peft", "trl", "llamafactory", "unsloth", "datasets", "accelerate", "matplotlib")
+
+
+def heavy_imports(argv: list[str]) -> list[str]:
+    """The heavy libraries `llfarm <argv>` imports in the CLI process (it must succeed)."""
+    code = ("import sys\nfrom llfarm.cli import cli\n"
+            f"try:\n    cli({argv!r}, prog_name='llfarm')\nexcept SystemExit as e:\n    assert e.code in (0, None), e.code\n"
+            f"print('HEAVY', sorted(m for m in {HEAVY!r} if m in sys.modules))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd="/")
+    assert proc.returncode == 0, proc.stderr
+    line = next(ln for ln in proc.stdout.splitlines() if ln.startswith("HEAVY "))
+    return eval(line[len("HEAVY "):])  # noqa: S307 - our own printed list

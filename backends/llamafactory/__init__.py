@@ -17,10 +17,9 @@ from __future__ import annotations
 
 import shutil
 import sys
-from pathlib import Path
 from typing import Any
 
-from llfarm.backend import Backend, Capabilities, CompileContext, NativePlan, RunResult, launcher_argv
+from llfarm.backend import Backend, Capabilities, CompileContext, NativePlan, RunResult, launcher_argv, offline_env
 from llfarm.errors import RunError, UnsupportedError
 from llfarm.rundir import atomic_write_text, read_json
 from llfarm.training import DTYPES, total_steps
@@ -28,6 +27,8 @@ from llfarm.training import DTYPES, total_steps
 from .config import TRAIN_YAML, build_config, options_model, render_yaml
 from .data import DATASET_INFO, check_turns, write_datasets
 from .parity import conversation_cases, lf_template_for
+
+__all__ = ["DATASET_INFO", "TRAIN_YAML", "LlamaFactoryBackend", "backend"]
 
 # What LlamaFactory writes into output_dir besides the model: kept in native/output/.
 LF_RECORDS = {"all_results.json", "train_results.json", "eval_results.json", "predict_results.json",
@@ -110,10 +111,8 @@ class LlamaFactoryBackend(Backend):
         atomic_write_text(yaml_path, render_yaml(config))
         entry = ["-m", "llfarm.backends.llamafactory.entry", str(yaml_path), "--metrics", str(run.metrics_path),
                  "--final", str(run.native / "final_metrics.json"), "--template", s.template]
-        env = {"DISABLE_VERSION_CHECK": "1"}
-        if Path(ctx.model_path).is_dir():
-            env["HF_HUB_OFFLINE"] = "1"
-        return NativePlan(argv=launcher_argv(s, [sys.executable], entry), env=env, cwd=run.root,
+        return NativePlan(argv=launcher_argv(s, [sys.executable], entry),
+                          env={"DISABLE_VERSION_CHECK": "1", **offline_env(ctx)}, cwd=run.root,
                           files=[yaml_path, datasets], total_steps=steps,
                           trainer=f"llamafactory run_exp(stage {s.stage}) with {TRAIN_YAML}")
 
