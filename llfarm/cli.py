@@ -125,7 +125,7 @@ def validate(strategy: str, backend: str | None, overrides: tuple[str, ...], exp
     from .runner import prepare_run
     from .strategy import resolve
     res = resolve(strategy, overrides)
-    prep = prepare_run(res, backend, plan=True)
+    prep = prepare_run(res, backend, plan=True, write_data=False)
     if explain:
         _print_sources(res)
     click.echo(f"ok: {res.file} — backend {prep.backend.name}, stage {res.strategy.stage}, method "
@@ -187,7 +187,10 @@ def plan(strategy: str, backend: str | None, overrides: tuple[str, ...], out: Pa
         if prep.platform != detect():       # planned for hardware this machine lacks (backend.plan_platform)
             click.echo(f"# note: {prep.platform.accelerator}; `llfarm run` needs one")
         click.echo(f"# model: {prep.model_path}")
-        click.echo(f"# data: {prep.data.n_train} train / {prep.data.n_eval} eval ({prep.data.source_format})")
+        d = prep.data
+        used = f" (a seeded {d.n_train} of {d.n_available}: what {s.training.max_steps} steps see)" \
+            if d.n_train < d.n_available else ""
+        click.echo(f"# data: {d.n_train} train{used} / {d.n_eval} eval ({d.source_format}); {d.train_path}")
         click.echo(f"# steps: {native.total_steps}")
         click.echo(f"# trainer: {native.trainer}")
         click.echo(f"# command: {native.command_line()}")

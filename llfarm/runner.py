@@ -46,16 +46,18 @@ class Prepared:
     precision: str
 
 
-def prepare_run(resolved: Resolved, backend: str | None = None, *, plan: bool = False) -> Prepared:
-    """Every check that can fail on bad input, before anything is written. ``plan``: compile only (see
-    backend.plan_platform), so a named backend is not refused for hardware this machine lacks."""
+def prepare_run(resolved: Resolved, backend: str | None = None, *, plan: bool = False,
+                write_data: bool = True) -> Prepared:
+    """Every check that can fail on bad input, before any run directory is written. ``plan``: compile only (see
+    backend.plan_platform), so a named backend is not refused for hardware this machine lacks. ``write_data``:
+    fill the data cache while checking (`validate` reads only)."""
     strategy = resolved.strategy
     load_template(strategy.template)                  # unknown template → exit 2 now, not mid-run
     with planning() if plan else nullcontext():
         plat = plan_platform(strategy, detect(), backend) if plan else detect()
         choose_backend(strategy, plat, backend)       # refuse early, before the data is read
     model_path = resolve_model(strategy.model.path)
-    data = prepare(strategy)
+    data = prepare(strategy, write=write_data)
     with planning() if plan else nullcontext():       # then what the backend refuses in this data
         chosen = choose_backend(strategy, plat, backend, data)
     steps = total_steps(strategy, data.n_train)
@@ -98,8 +100,8 @@ def create_run(prep: Prepared, output: Path, run_id: str | None = None) -> tuple
 
 
 def compile_into(prep: Prepared, run: RunDir, resume_from: Path | None = None) -> tuple[CompileContext, NativePlan]:
-    """Write the normalized data into native/, compile with the chosen backend, record the command."""
-    prep.data.write(run.native / "data")
+    """Point at the data (cached once, never copied per run), compile with the chosen backend, record the command."""
+    prep.data.materialize()
     ctx = CompileContext(strategy=prep.resolved.strategy, run=run, platform=prep.platform,
                          model_path=prep.model_path, data=prep.data, precision=prep.precision,
                          resume_from=resume_from)
@@ -122,8 +124,7 @@ def initial_manifest(prep: Prepared, run: RunDir, plan: NativePlan) -> dict[str,
         "platform": prep.platform.name, "precision": prep.precision,
         "model_path": prep.model_path, "template": s.template, "template_eos": tpl.eos,
         "system": s.data.system, "output_kind": "adapter" if s.is_peft else "model",
-        "data": {"format": prep.data.source_format, "n_train": prep.data.n_train, "n_eval": prep.data.n_eval,
-                 "sha256": prep.data.sources},
+        "data": prep.data.manifest(),
         "strategy_sha256": _sha256_text(run.strategy_path.read_text(encoding="utf-8")),
         "total_steps": plan.total_steps, "versions": library_versions(),
         "paths": {"native": "native", "logs": "logs", "metrics": "metrics.jsonl", "checkpoints": "checkpoints"},

@@ -143,6 +143,9 @@ def absolute_path(key: str, value: Any, base: Path) -> Any:
     file, the current directory for ``--set``. Stored absolute, the resolved strategy means the same thing to the
     training child (which runs in the run directory) and to later commands run from anywhere. Names that are not
     paths (builtin:NAME, a hub id, a shipped template, zero2) are left as they are."""
+    if key in ("data.train", "data.eval") and isinstance(value, list):   # a list of sources
+        return [{**v, "path": absolute_path(key, v["path"], base)} if isinstance(v, dict) and "path" in v
+                else absolute_path(key, v, base) for v in value]
     if not isinstance(value, str) or not value:
         return value
     if value.startswith("~"):

@@ -92,6 +92,12 @@ def total_steps(s: Strategy, n_train: int) -> int:
     return math.ceil(t.epochs * per_epoch)
 
 
+def examples_needed(s: Strategy) -> int | None:
+    """How many training examples a run with training.max_steps sees (None: whole epochs)."""
+    t = s.training
+    return t.max_steps * t.batch_size * t.grad_accum * world_size(s) if t.max_steps else None
+
+
 def eval_steps(s: Strategy, steps: int) -> int:
     return s.training.eval_every or max(1, steps // 5)
 
@@ -164,6 +170,27 @@ def quantization_arguments(s: Strategy) -> dict[str, Any] | None:
     return None
 
 
+TOKENIZATION_VERSION = 1     # bump when llfarm.train_common changes what it makes of a row
+
+
+def data_spec(ctx: CompileContext) -> dict[str, Any]:
+    """The files the trainer reads and the token cache that keeps what it makes of them (keyed by the data
+    selection, the tokenizer's fingerprint, the template, max_length and the stage)."""
+    import os
+
+    from .data import token_cache_dir
+    from .models import tokenizer_fingerprint
+    from .templates import load_template
+
+    s, data = ctx.strategy, ctx.data
+    template = load_template(s.template)
+    cache = token_cache_dir("hf", data, tokenizer_fingerprint(ctx.model_path, s.model.revision), template.jinja,
+                            template.eos, s.data.max_length, s.stage, TOKENIZATION_VERSION)
+    return {"train": str(data.train_path), "eval": str(data.eval_path) if data.eval_path else None,
+            "max_length": s.data.max_length, "token_cache": str(cache),
+            "num_proc": max(1, min(os.cpu_count() or 1, 8))}
+
+
 def trainer_spec(ctx: CompileContext, steps: int, options: dict[str, Any] | None = None) -> dict[str, Any]:
     """Everything the shared trainer child needs, as JSON: the strategy mapped once, nothing left implicit."""
     s, run = ctx.strategy, ctx.run
@@ -180,8 +207,7 @@ def trainer_spec(ctx: CompileContext, steps: int, options: dict[str, Any] | None
         "peft": lora_arguments(s),
         "freeze": {"trainable_layers": s.method.trainable_layers} if s.method.type == "freeze" else None,
         "args": {**training_arguments(ctx, steps), **stage_arguments(s), **(options or {})},
-        "data": {"train": str(data.train_path), "eval": str(data.eval_path) if data.eval_path else None,
-                 "max_length": s.data.max_length},
+        "data": data_spec(ctx),
         "outputs": {"dir": str(run.adapter if s.is_peft else run.model), "metrics": str(run.metrics_path),
                     "final_metrics": str(run.native / "final_metrics.json")},
         "resume_from": str(ctx.resume_from) if ctx.resume_from else None,
