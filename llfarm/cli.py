@@ -365,7 +365,7 @@ def _strategy_target(target: str):
 @click.option("--template", help="Chat template for a data file's token lengths (default chatml).")
 @click.option("--max-length", type=int, help="max_length to check a data file against (default 256).")
 @click.option("--format", "fmt", default="auto", show_default=True, help="Record format of a data file.")
-@click.option("--sample", type=int, default=10_000, show_default=True,
+@click.option("--sample", type=int, default=2_000, show_default=True,
               help="How many examples (a seeded sample) to measure token lengths on; 0 = all.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 def data_inspect(target: str, overrides: tuple[str, ...], model: str | None, template: str | None,
@@ -375,7 +375,7 @@ def data_inspect(target: str, overrides: tuple[str, ...], model: str | None, tem
     import json
 
     from .data import FORMATS, STAGE_KIND, open_source
-    from .data.inspect import Stats, render, report, token_lengths
+    from .data.inspect import Stats, length_counter, render, report, token_lengths
     from .data.prepare import scan
     from .errors import DataError, did_you_mean
     from .models import resolve_model
@@ -402,14 +402,9 @@ def data_inspect(target: str, overrides: tuple[str, ...], model: str | None, tem
         tpl_ref, limit = template or "chatml", max_length or 256
     tokens = None
     if model_path is not None:
-        from .compat import quiet_libraries
         from .templates import load_template
-        from .train_common import tokenizer_for_template
-        quiet_libraries()
-        from transformers import AutoTokenizer
         tpl = load_template(tpl_ref)
-        tok = tokenizer_for_template(AutoTokenizer.from_pretrained(model_path), tpl)
-        tokens = token_lengths(stats.sample, tpl, tok, limit)
+        tokens = token_lengths(stats.sample, tpl, length_counter(model_path, tpl), limit)
     rep = report(stats, [src.manifest() for src in sources], tokens)
     if as_json:
         click.echo(json.dumps(rep, indent=2))

@@ -8,11 +8,11 @@ it leaves with no trained token (those are dropped) — on a seeded sample (``--
 
 from __future__ import annotations
 
-import hashlib
 import math
 import random
 from collections import Counter
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -20,59 +20,133 @@ import orjson
 
 @dataclass
 class Stats:
+    """Statistics of normalized rows, one cheap ``add`` per row (it runs a million times for a million records)."""
     sample_size: int
     seed: int = 42
     count: int = 0
-    roles: Counter = field(default_factory=Counter)
-    user_turns: Counter = field(default_factory=Counter)
-    with_system: int = 0
+    shapes: Counter = field(default_factory=Counter)      # the sequence of roles of each conversation
     empty_answers: int = 0
     duplicates: int = 0
     answer_chars: int = 0
     _seen: set = field(default_factory=set, repr=False)
     sample: list = field(default_factory=list, repr=False)
     _rng: random.Random = field(default=None, repr=False)  # type: ignore[assignment]
+    _next: int = 0
+    _w: float = 1.0
 
     def __post_init__(self) -> None:
         self._rng = random.Random(self.seed)
 
     def add(self, row: dict[str, Any]) -> None:
         self.count += 1
-        h = int.from_bytes(hashlib.blake2b(orjson.dumps(row), digest_size=8).digest(), "little")
+        h = hash(orjson.dumps(row))          # 64-bit, this process only: enough to count duplicates
         if h in self._seen:
             self.duplicates += 1
         else:
             self._seen.add(h)
         if "messages" in row:
             msgs = row["messages"]
-            answers = [msgs[-1]["content"]]
+            answer = msgs[-1]["content"]
+            self.empty_answers += not answer.strip()
+            self.answer_chars += len(answer)
         elif "prompt" in row:
             msgs = row["prompt"]
-            answers = [row["chosen"], row["rejected"]]
+            self.empty_answers += not (row["chosen"].strip() and row["rejected"].strip())
+            self.answer_chars += len(row["chosen"]) + len(row["rejected"])
         else:
-            msgs, answers = [], [row.get("text", "")]
-        for m in msgs:
-            self.roles[m["role"]] += 1
-        users = sum(m["role"] == "user" for m in msgs)
-        if msgs:
-            self.user_turns[min(users, 4)] += 1
-            self.with_system += msgs[0]["role"] == "system"
-        self.empty_answers += any(not a.strip() for a in answers)
-        self.answer_chars += sum(len(a) for a in answers)
-        # reservoir sample (seeded) for the token lengths
-        if self.sample_size == 0 or len(self.sample) < self.sample_size:
+            msgs = ()
+            self.empty_answers += not row.get("text", "").strip()
+            self.answer_chars += len(row.get("text", ""))
+        self.shapes[tuple([m["role"] for m in msgs])] += 1
+        self._sample(row)
+
+    def _sample(self, row: dict[str, Any]) -> None:
+        """A seeded uniform sample of sample_size rows (reservoir sampling, Li's algorithm L: a random number only
+        when a row is taken, not for every row); sample_size 0 keeps every row."""
+        k = self.sample_size
+        if k == 0 or len(self.sample) < k:
             self.sample.append(row)
-        else:
-            j = self._rng.randrange(self.count)
-            if j < self.sample_size:
-                self.sample[j] = row
+            if len(self.sample) == k:
+                self._w = math.exp(math.log(self._rng.random()) / k)
+                self._next = k + int(math.log(self._rng.random()) / math.log(1 - self._w)) + 1
+            return
+        if self.count == self._next:
+            self.sample[self._rng.randrange(k)] = row
+            self._w *= math.exp(math.log(self._rng.random()) / k)
+            self._next += int(math.log(self._rng.random()) / math.log(1 - self._w)) + 1
+
+    @property
+    def roles(self) -> Counter:
+        out: Counter = Counter()
+        for shape, n in self.shapes.items():
+            for role in shape:
+                out[role] += n
+        return out
+
+    @property
+    def user_turns(self) -> Counter:
+        out: Counter = Counter()
+        for shape, n in self.shapes.items():
+            if shape:
+                out[min(shape.count("user"), 4)] += n
+        return out
+
+    @property
+    def with_system(self) -> int:
+        return sum(n for shape, n in self.shapes.items() if shape and shape[0] == "system")
+
+
+class FastTokenizer:
+    """What measuring lengths needs of a tokenizer, on the `tokenizers` library alone (no transformers, no torch):
+    a model's tokenizer.json, its bos/eos from tokenizer_config.json, and — as ``tokenizer_for_template`` does for
+    training — the template's end-of-turn as eos when it is one token. The ids equal the fast tokenizer's."""
+
+    def __init__(self, folder: Path, template) -> None:
+        import json
+
+        from tokenizers import Tokenizer
+        self._tok = Tokenizer.from_file(str(folder / "tokenizer.json"))
+        cfg_path = folder / "tokenizer_config.json"
+        cfg = json.loads(cfg_path.read_text(encoding="utf-8")) if cfg_path.is_file() else {}
+        self.bos_token = _content(cfg.get("bos_token"))
+        self.eos_token = _content(cfg.get("eos_token"))
+        if template.eos and self._tok.token_to_id(template.eos) is not None:
+            self.eos_token = template.eos
+
+    def lengths(self, texts: list[str]) -> list[int]:
+        return [len(e.ids) for e in self._tok.encode_batch(texts, add_special_tokens=False)]
+
+
+def _content(token: Any) -> str | None:
+    return token.get("content") if isinstance(token, dict) else token
+
+
+def length_counter(model_path: str, template):
+    """A FastTokenizer where the model has a tokenizer.json (a local folder or the hub cache), else transformers'."""
+    folder = Path(model_path) if Path(model_path).is_dir() else None
+    if folder is None:
+        try:
+            from huggingface_hub import try_to_load_from_cache
+            found = try_to_load_from_cache(model_path, "tokenizer.json")
+            folder = Path(found).parent if isinstance(found, str) else None
+        except ImportError:
+            folder = None
+    if folder is not None and (folder / "tokenizer.json").is_file():
+        return FastTokenizer(folder, template)
+    from transformers import AutoTokenizer
+
+    from ..train_common import tokenizer_for_template
+    tok = tokenizer_for_template(AutoTokenizer.from_pretrained(model_path), template)
+    tok.lengths = lambda texts: [len(x) for x in tok(texts, add_special_tokens=False)["input_ids"]]
+    return tok
 
 
 def token_lengths(rows: list[dict[str, Any]], template, tokenizer, max_length: int) -> dict[str, Any]:
-    """Lengths of the rendered examples (prompt + answer, as training tokenizes them) and what max_length does."""
+    """Lengths of the rendered examples (prompt + answer, as training tokenizes them) and what max_length does.
+    ``tokenizer`` has bos_token, eos_token and lengths(texts) (see length_counter)."""
     from ..train_common import split_sft
 
-    lengths, truncated, no_answer = [], 0, 0
+    prompts, answers = [], []
     bos, eos = tokenizer.bos_token or "", tokenizer.eos_token or ""
     for row in rows:
         if "messages" in row:
@@ -82,25 +156,27 @@ def token_lengths(rows: list[dict[str, Any]], template, tokenizer, max_length: i
             answer = max((row["chosen"], row["rejected"]), key=len)
         else:
             prompt, answer = "", row.get("text", "")
-        p = len(tokenizer(prompt, add_special_tokens=False)["input_ids"]) if prompt else 0
-        a = len(tokenizer(answer, add_special_tokens=False)["input_ids"])
-        lengths.append(p + a)
-        truncated += p + a > max_length
-        no_answer += p >= max_length and "text" not in row
-    lengths.sort()
+        prompts.append(prompt)
+        answers.append(answer)
+    p_len, a_len = tokenizer.lengths(prompts), tokenizer.lengths(answers)
+    lengths = sorted(p + a for p, a in zip(p_len, a_len, strict=True))
+    truncated = sum(x > max_length for x in lengths)
+    no_answer = sum(p >= max_length for p, row in zip(p_len, rows, strict=True) if "text" not in row)
 
     def q(f: float) -> int:
         return lengths[min(len(lengths) - 1, int(f * len(lengths)))] if lengths else 0
 
-    top = max(lengths) if lengths else 1
-    edges = [2 ** k for k in range(3, max(4, math.ceil(math.log2(max(top, 8)))) + 1)]
+    top = lengths[-1] if lengths else 0
     hist, lo = [], 0
-    for hi in edges:
+    for k in range(3, max(4, math.ceil(math.log2(max(top, max_length, 8)))) + 1):
+        hi = 2 ** k
         hist.append({"from": lo + 1, "to": hi, "count": sum(lo < x <= hi for x in lengths)})
         lo = hi
+    first = next((i for i, h in enumerate(hist) if h["count"]), 0)
+    last = max((i for i, h in enumerate(hist) if h["count"] or h["from"] <= max_length <= h["to"]), default=0)
     return {"examples": len(lengths), "min": lengths[0] if lengths else 0, "p50": q(0.5), "p90": q(0.9),
-            "p99": q(0.99), "max": top if lengths else 0, "max_length": max_length, "truncated": truncated,
-            "no_trained_token": no_answer, "histogram": [h for h in hist if h["count"] or h["to"] <= top * 2]}
+            "p99": q(0.99), "max": top, "max_length": max_length, "truncated": truncated,
+            "no_trained_token": no_answer, "histogram": hist[first:last + 1]}
 
 
 def report(stats: Stats, sources: list[dict[str, Any]], tokens: dict[str, Any] | None) -> dict[str, Any]:

@@ -155,7 +155,7 @@ def _scan(reader: Reader, sha: str, cache_key: str, weight: float, fmt_setting: 
             if visit is not None:
                 visit(row)
             msgs = conversation(row)
-            if msgs:
+            if len(msgs) > 2:                # a single user turn and its answer has one shape, and alternates
                 s, m = shape(msgs)
                 with_system += s
                 multi_turn += m
