@@ -150,3 +150,41 @@ def test_runs_share_the_data_and_token_caches_and_copy_nothing(tmp_path, backend
     assert ("from the token cache" in log) if backend == "pytorch" else ("Loaded tokenized dataset" in log)
     assert manifest(tmp_path / first)["final_metrics"]["final_loss"] == \
         manifest(tmp_path / second)["final_metrics"]["final_loss"]
+
+
+def _bad_sources(tmp_path):
+    import gzip as gz
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    write(tmp_path / "q.csv", "q,a\nx,y\n")
+    write(tmp_path / "empty.jsonl", "\n")
+    write(tmp_path / "notgz.jsonl.gz", "plain text\n")
+    pq.write_table(pa.table({"prompt_text": ["a"], "reply": ["b"]}), tmp_path / "schema.parquet")
+    with gz.open(tmp_path / "ok.jsonl.gz", "wt") as fh:
+        fh.write(ALPACA)
+
+
+@pytest.mark.parametrize("sets,pieces", [
+    (["data.train=q.csv", "data.columns={instruction: question, output: a}"],
+     ["data.columns maps 'instruction' to column 'question'", "q.csv"]),
+    (["data.train=[{path: d.jsonl, weight: 0}]"], ["'data.train", "greater than 0"]),
+    (["data.train=empty.jsonl"], ["empty.jsonl", "the dataset is empty"]),
+    (["data.train=[d.jsonl, builtin:preference]"], ["data.train[1]", "preference pairs"]),
+    (["data.train=schema.parquet"], ["schema.parquet[row 1]", "cannot tell the format", "data.columns"]),
+    (["data.train=notgz.jsonl.gz"], ["notgz.jsonl.gz", "cannot read it as gzip"]),
+])
+def test_bad_data_is_one_line_before_anything_is_written(tmp_path, sets, pieces):
+    _bad_sources(tmp_path)
+    write(tmp_path / "d.jsonl", ALPACA)
+    args = ["run", "quickstart", "-o", "runs"]
+    for s in sets:
+        args += ["--set", s]
+    one_line(llfarm(*args, cwd=tmp_path), *pieces)
+    assert not (tmp_path / "runs").exists()
+
+
+def test_a_gzipped_source_validates(tmp_path):
+    _bad_sources(tmp_path)
+    proc = llfarm("validate", "quickstart", "--set", "data.train=ok.jsonl.gz", cwd=tmp_path)
+    assert proc.returncode == 0 and "32 training examples" in proc.stdout, proc.stderr
