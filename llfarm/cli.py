@@ -214,22 +214,24 @@ def run(strategy: str, backend: str | None, overrides: tuple[str, ...], output: 
     res = resolve(strategy, overrides)
     prep = prepare_run(res, backend)
     ctx, native = create_run(prep, output, run_id)
-    click.echo(f"run: {ctx.run} (backend {prep.backend.name}, stage {res.strategy.stage}, "
-               f"{native.total_steps} steps)", err=True)
-    _execute_and_finish(ctx, native, prep.backend, verbose)
+    with ctx.run.lock("run") as lock:
+        click.echo(f"run: {ctx.run} (backend {prep.backend.name}, stage {res.strategy.stage}, "
+                   f"{native.total_steps} steps)", err=True)
+        _execute_and_finish(ctx, native, prep.backend, verbose, lock)
 
 
-def _execute_and_finish(ctx, native, backend, verbose: bool) -> None:
+def _execute_and_finish(ctx, native, backend, verbose: bool, lock) -> None:
     from .errors import TrainingFailed
-    from .runner import execute, finish, mark_interrupted, tail
+    from .runner import execute, failure_hint, finish, mark_interrupted, tail
     run = ctx.run
-    code = execute(ctx, native, verbose=verbose)
+    code = execute(ctx, native, verbose=verbose, lock=lock)
     if run.read_manifest().get("status") == "interrupted":
         _interrupted(run, code)
     if code != 0:
-        click.echo(tail(run.logs / "train.log"), err=True)
+        log_tail = tail(run.logs / "train.log")
+        click.echo(log_tail, err=True)
         raise TrainingFailed(f"the {backend.name} process exited with code {code}", where=str(run),
-                             hint=f"full log: {run.show(run.logs / 'train.log')}")
+                             hint=failure_hint(run, log_tail))
     try:
         result = finish(ctx, backend)
     except KeyboardInterrupt as exc:      # training is done and checkpointed; collecting it was cut short
@@ -256,11 +258,17 @@ def _interrupted(run, code: int) -> None:
 @click.option("--max-steps", type=int, help="Train until this many total steps (default: the strategy's).")
 @click.option("--verbose", "-v", is_flag=True, help="Stream the backend's own output.")
 def resume(run_dir: Path, max_steps: int | None, verbose: bool) -> None:
-    """Continue an interrupted or finished run from its latest checkpoint, in the same run directory."""
+    """Continue an interrupted or finished run from its newest complete checkpoint, in the same run directory."""
     from .resume import resume_run
-    ctx, native, backend = resume_run(run_dir, max_steps)
-    click.echo(f"resuming {ctx.run} from {ctx.resume_from.name}", err=True)
-    _execute_and_finish(ctx, native, backend, verbose)
+    from .rundir import RunDir
+    run = RunDir(run_dir)
+    run.read_manifest()                                  # not a run directory → one line, before any lock file
+    with run.lock("resume") as lock:                     # refused while another live process works on the run
+        resumed = resume_run(run, max_steps)
+        click.echo(f"resuming {run} from {resumed.ctx.resume_from.name}", err=True)
+        for note in resumed.notes:
+            click.echo(f"note: {note}", err=True)
+        _execute_and_finish(resumed.ctx, resumed.native, resumed.backend, verbose, lock)
 
 
 # ---------------------------------------------------------------- using a run
@@ -294,7 +302,10 @@ def generate(run_dir: Path, prompt: tuple[str, ...], max_new_tokens: int, temper
 def export(run_dir: Path, formats: tuple[str, ...], quant: str, out: Path | None, name: str | None) -> None:
     """Export a run: merged HF model, GGUF (f32/f16/q8_0), and an Ollama Modelfile."""
     from .rundir import RunDir
-    _do_export(RunDir(run_dir), list(formats), quant, out, name)
+    run = RunDir(run_dir)
+    run.read_manifest()                                  # not a run directory → one line, before any lock file
+    with run.lock("export"):                             # not while a run or resume writes the model
+        _do_export(run, list(formats), quant, out, name)
 
 
 def _do_export(run, formats: list[str], quant: str, out: Path | None, name: str | None) -> None:
@@ -305,6 +316,12 @@ def _do_export(run, formats: list[str], quant: str, out: Path | None, name: str 
     from .compat import quiet_libraries
     from .export import export_name, export_run, ollama_create_command
     quiet_libraries()
+    from .errors import ExportError
+    from .redact import find_secret
+    secret = find_secret(name)
+    if secret:
+        raise ExportError(f"the name holds {secret}; it would name the exported files", where="--name",
+                          hint="choose another name")
     out_abs = Path(os.path.abspath(out)) if out else None
     paths = export_run(run, formats, quant=quant, out=out_abs, name=name)
 
@@ -324,9 +341,44 @@ def _do_export(run, formats: list[str], quant: str, out: Path | None, name: str 
         click.echo(f"load it in Ollama: {command}", err=True)
 
 
+class PipeSafe:
+    """stdout/stderr that go quiet when their reader goes away (`llfarm run ... 2>&1 | head -1`): the rest of the
+    output goes to /dev/null and the command carries on — a training run is not killed, nor left marked running,
+    because nobody reads its progress bar any more."""
+
+    def __init__(self, stream) -> None:
+        self._stream = stream
+
+    def write(self, text):
+        try:
+            return self._stream.write(text)
+        except BrokenPipeError:
+            self._silence()
+            return len(text)
+
+    def flush(self) -> None:
+        try:
+            self._stream.flush()
+        except BrokenPipeError:
+            self._silence()
+            self._stream.flush()
+
+    def _silence(self) -> None:
+        import os
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        try:
+            os.dup2(devnull, self._stream.fileno())   # pending and later output (and the exit-time flush) go nowhere
+        finally:
+            os.close(devnull)
+
+    def __getattr__(self, name):
+        return getattr(self._stream, name)
+
+
 def main() -> None:
     for sig in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, _terminate)
+    sys.stdout, sys.stderr = PipeSafe(sys.stdout), PipeSafe(sys.stderr)
     cli(prog_name="llfarm")
 
 

@@ -52,6 +52,11 @@ class DataSpec(Section):
     max_samples: int | None = Field(None, ge=1, description="Use at most this many training examples.")
     system: str | None = Field(None, description="Default system prompt (also the Ollama SYSTEM).")
 
+    @field_validator("system")
+    @classmethod
+    def _no_secret(cls, v: str | None) -> str | None:
+        return _refuse_secret(v, "the model would be trained on it")
+
 
 class TrainingSpec(Section):
     epochs: float = Field(3.0, gt=0, le=10_000, description="Passes over the training data.")
@@ -92,6 +97,11 @@ class ExportSpec(Section):
     quant: Literal["f32", "f16", "q8_0"] = Field("q8_0", description="GGUF tensor type.")
     name: str | None = Field(None, description="Ollama model name (default: the strategy name).")
 
+    @field_validator("name")
+    @classmethod
+    def _no_secret(cls, v: str | None) -> str | None:
+        return _refuse_secret(v, "it would name the exported files")
+
 
 class Strategy(Section):
     name: str = Field(..., min_length=1, max_length=100, description="Short name; used in run ids.")
@@ -111,6 +121,17 @@ class Strategy(Section):
     backend_options: dict[str, dict[str, Any]] = Field(
         default_factory=dict, description="Raw native keys per backend, checked by that backend.")
 
+    @field_validator("name")
+    @classmethod
+    def _safe_name(cls, v: str) -> str:
+        from .redact import redact_text
+        from .rundir import name_problem
+        problem = name_problem(v)
+        if problem:
+            shown = redact_text(v if len(v) <= 60 else v[:57] + "...")
+            raise ValueError(f"{problem} (it names the run directory), received {shown!r}")
+        return v
+
     @property
     def is_peft(self) -> bool:
         return self.method.type in ("lora", "qlora")
@@ -118,6 +139,15 @@ class Strategy(Section):
     @property
     def quantization(self) -> str:
         return "4bit" if self.method.type == "qlora" else self.model.quantization
+
+
+def _refuse_secret(value: str | None, why: str) -> str | None:
+    """A secret where redacting it would change what the user asked for (training text, a name) is refused."""
+    from .redact import find_secret
+    secret = find_secret(value)
+    if secret:
+        raise ValueError(f"holds {secret}; {why}, so llfarm refuses rather than write or redact it")
+    return value
 
 
 def _default_backend() -> str:

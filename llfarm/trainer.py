@@ -28,12 +28,17 @@ def read_spec(path: str | Path) -> dict[str, Any]:
 
 
 def run(spec: dict[str, Any], load: Loader | None = None, *, extra_final: dict[str, Any] | None = None) -> int:
+    from . import lifeline
+    lifeline.guard()                    # die with the llfarm process that started us (and take our group along)
+
     from transformers import set_seed
 
+    from .checkpoints import completeness_callback, install_fault_injection
     from .compat import ensure_warnings_issued, fix_trl_availability_flags
     from .metrics import trainer_callback
     from .templates import load_template
 
+    install_fault_injection()           # tests only (LLFARM_FAULT_KILL_IN_SAVE)
     fix_trl_availability_flags()        # before any trl trainer module is imported
     set_seed(spec["args"]["seed"])
     template = load_template(spec["template"])
@@ -45,7 +50,7 @@ def run(spec: dict[str, Any], load: Loader | None = None, *, extra_final: dict[s
     train_rows = read_jsonl(spec["data"]["train"])
     eval_rows = read_jsonl(spec["data"]["eval"]) if spec["data"]["eval"] else []
     trainer = build_trainer(spec, model, tokenizer, template, train_rows, eval_rows, peft_config,
-                            [trainer_callback(spec["outputs"]["metrics"])])
+                            [trainer_callback(spec["outputs"]["metrics"]), completeness_callback()])
     result = trainer.train(resume_from_checkpoint=spec["resume_from"])
     save(spec, trainer, tokenizer)
     final = {"global_step": trainer.state.global_step, "train_runtime": result.metrics.get("train_runtime"),

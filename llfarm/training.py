@@ -14,7 +14,7 @@ builder takes the TrainingArguments it shares from :func:`training_arguments`. A
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import Field
 
@@ -56,9 +56,22 @@ HF_DEFAULTS: dict[str, Any] = {
 }
 
 
+# transformers 5.6's OptimizerNames (a test checks them against the installed transformers): an unknown optimizer is
+# refused with the strategy's line before anything is written, not by TrainingArguments inside the child.
+HF_OPTIMIZERS = (
+    "adamw_torch", "adamw_torch_fused", "adamw_torch_xla", "adamw_torch_npu_fused", "adamw_apex_fused", "adafactor",
+    "adamw_anyprecision", "adamw_torch_4bit", "adamw_torch_8bit", "ademamix", "sgd", "adagrad", "adamw_bnb_8bit",
+    "adamw_8bit", "ademamix_8bit", "lion_8bit", "lion_32bit", "paged_adamw_32bit", "paged_adamw_8bit",
+    "paged_ademamix_32bit", "paged_ademamix_8bit", "paged_lion_32bit", "paged_lion_8bit", "rmsprop", "rmsprop_bnb",
+    "rmsprop_bnb_8bit", "rmsprop_bnb_32bit", "galore_adamw", "galore_adamw_8bit", "galore_adafactor",
+    "galore_adamw_layerwise", "galore_adamw_8bit_layerwise", "galore_adafactor_layerwise", "lomo", "adalomo",
+    "grokadamw", "schedule_free_radam", "schedule_free_adamw", "schedule_free_sgd", "apollo_adamw",
+    "apollo_adamw_layerwise", "stable_adamw")
+
+
 class TrainerOptions(Section):
     """Extra TrainingArguments a backend's ``backend_options`` may pass to a Hugging Face trainer."""
-    optim: str | None = Field(None, description="Optimizer name (adamw_torch, adafactor, sgd, ...).")
+    optim: Literal[HF_OPTIMIZERS] | None = Field(None, description="Optimizer name (adamw_torch, adafactor, sgd, ...).")
     lr_scheduler_kwargs: dict[str, Any] | None = Field(None, description="Extra scheduler arguments.")
     dataloader_num_workers: int | None = Field(None, ge=0, description="Data loading processes.")
     gradient_checkpointing_kwargs: dict[str, Any] | None = Field(None, description="e.g. use_reentrant.")

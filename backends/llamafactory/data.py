@@ -79,4 +79,4 @@ def ranking_form(src: Path, out: Path) -> None:
                                          "chosen": {"role": "assistant", "content": r["chosen"]},
                                          "rejected": {"role": "assistant", "content": r["rejected"]}},
                                         ensure_ascii=False) + "\n")
-    atomic_write_text(out, "".join(lines))
+    atomic_write_text(out, "".join(lines), redact=False)   # training data is copied as is

@@ -13,7 +13,10 @@ no torchrun on one device) plus what a run directory needs:
 - for rm, the accuracy on the training pairs after training (value head at the last token, as LlamaFactory
   scores) goes to ``--final`` as train_pair_accuracy;
 - the final adapter/model and every checkpoint get the tokenizer with the llfarm template's chat_template
-  and end-of-turn eos, as the pytorch backend saves them.
+  and end-of-turn eos, as the pytorch backend saves them;
+- every checkpoint is marked complete once fully written (``llfarm.checkpoints``), the process dies with the
+  llfarm process that started it (``llfarm.lifeline``), and secret-named options arrive through the environment
+  (``LLFARM_SECRET_OPTIONS``), never through the config file.
 """
 
 from __future__ import annotations
@@ -35,10 +38,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--final", required=True, help="JSON file for metrics computed after training")
     ap.add_argument("--template", required=True, help="llfarm template name or YAML path")
     opts = ap.parse_args(argv)
+    from llfarm import lifeline
+    lifeline.guard()                    # die with the llfarm process that started us (and take our group along)
     os.environ.setdefault("DISABLE_VERSION_CHECK", "1")
 
     import yaml
+
+    from llfarm.redact import SECRET_OPTIONS_ENV
     args: dict[str, Any] = yaml.safe_load(Path(opts.config).read_text(encoding="utf-8"))
+    # secret-named options (hf_hub_token, ...) come through the environment, never through the config file
+    args.update(json.loads(os.environ.pop(SECRET_OPTIONS_ENV, "") or "{}"))
 
     from llamafactory.hparams import get_train_args
     try:
@@ -48,8 +57,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"llfarm: LlamaFactory rejected {opts.config}: {msg}", flush=True)
         return 2
 
+    from llfarm.checkpoints import completeness_callback, install_fault_injection
     from llfarm.metrics import trainer_callback
     from llfarm.templates import load_template
+
+    install_fault_injection()           # tests only (LLFARM_FAULT_KILL_IN_SAVE)
 
     template = load_template(opts.template)
     stage = finetuning_args.stage
@@ -61,6 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     if rm_stats is not None:
         callbacks.insert(0, RMLogs(rm_stats))
         callbacks.append(RMTrainAccuracy(rm_stats))
+    callbacks.append(completeness_callback())   # last: after the tokenizer is written into each checkpoint
 
     from llamafactory.train.tuner import run_exp
     try:
