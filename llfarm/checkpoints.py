@@ -99,6 +99,56 @@ def _barrier() -> None:
         pass
 
 
+class CheckpointSaveError(RuntimeError):
+    """Saving a checkpoint failed; the message names the checkpoint, the file and the free space on its disk."""
+
+
+def instrument_saves() -> None:
+    """In a training process: a failed checkpoint save (a full disk, a vanished mount) ends with one line that names
+    the checkpoint, the file being written and the free space left — torch's own error names neither
+    ("[enforce fail at inline_container.cc] unexpected pos"). Also installs the tests' fault injection."""
+    from transformers import Trainer
+    original = Trainer._save_checkpoint
+
+    def save_checkpoint(self, model, trial, *args, **kwargs):
+        try:
+            return original(self, model, trial, *args, **kwargs)
+        except Exception as exc:
+            folder = Path(self._get_output_dir(trial=trial)) / f"checkpoint-{self.state.global_step}"
+            raise CheckpointSaveError(describe_save_error(exc, folder)) from exc
+
+    Trainer._save_checkpoint = save_checkpoint
+    install_fault_injection()
+
+
+def describe_save_error(exc: BaseException, folder: Path) -> str:
+    """'writing checkpoint-8/optimizer.pt failed: <error> (its disk has 0 B free); ...'"""
+    import shutil
+    written = _file_being_written(exc, folder)
+    what = f"{folder.name}/{written.relative_to(folder)}" if written else folder.name
+    try:
+        free = f"{shutil.disk_usage(folder if folder.exists() else folder.parent).free / 2**20:.0f} MiB free"
+    except OSError:
+        free = "free space unknown"
+    reason = " ".join(str(exc).split())[:300] or type(exc).__name__
+    return (f"llfarm: writing {what} failed: {type(exc).__name__}: {reason} (its disk, {folder.parent}, has {free}); "
+            f"the checkpoint is incomplete and resume will not use it")
+
+
+def _file_being_written(exc: BaseException, folder: Path) -> Path | None:
+    """The path under ``folder`` named by the innermost frame of the traceback that holds one (torch.save's ``f``,
+    safetensors' ``filename``, ...)."""
+    found = None
+    tb = exc.__traceback__
+    prefix = str(folder) + os.sep
+    while tb is not None:
+        for value in tb.tb_frame.f_locals.values():
+            if isinstance(value, (str, os.PathLike)) and str(value).startswith(prefix):
+                found = Path(str(value))
+        tb = tb.tb_next
+    return found
+
+
 def install_fault_injection() -> None:
     """Tests only (``LLFARM_FAULT_KILL_IN_SAVE=N``): SIGKILL this process while it saves checkpoint-N — after the
     weights and the optimizer state are written, with the optimizer file cut in half, before the RNG and trainer

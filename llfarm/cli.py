@@ -33,12 +33,20 @@ class LlfarmGroup(click.Group):
             raise  # the reader went away (`llfarm plan x | head -1`): click ends quietly
         except OSError as exc:  # an unwritable --output, a folder given for a file, a full disk...
             where = f"{exc.filename}: " if exc.filename else ""
-            click.echo(f"llfarm: error: {where}{exc.strerror or exc} — hint: check the path and its permissions",
-                       err=True)
+            click.echo(f"llfarm: error: {where}{exc.strerror or exc} — hint: {_os_hint(exc)}", err=True)
             sys.exit(2)
         except KeyboardInterrupt as exc:
             click.echo("llfarm: interrupted", err=True)
             sys.exit(128 + getattr(exc, "signum", signal.SIGINT))
+
+
+def _os_hint(exc: OSError) -> str:
+    import errno
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return "free space on that disk (or pass --output on another one)"
+    if exc.errno == errno.EROFS:
+        return "that filesystem is read-only; pass --output somewhere writable"
+    return "check the path and its permissions"
 
 
 class Terminated(KeyboardInterrupt):

@@ -2,8 +2,8 @@
 
 The runner starts the backend's command in its own session (its own process group, so Ctrl-C and SIGTERM are
 forwarded to the whole group at once) and passes ``LLFARM_PARENT=<pid>:<start time>`` in its environment
-(:func:`parent_env`). Every training process llfarm's code runs in — ``llfarm.trainer`` (pytorch, Unsloth) and
-LlamaFactory's entry, and each worker a torchrun/accelerate launcher starts with them — calls :func:`guard` first:
+(:func:`parent_env`). Every training process llfarm's code runs in — ``llfarm.trainer``, a backend's own entry
+module, and each worker a torchrun/accelerate launcher starts with them — calls :func:`guard` first:
 
 - Linux: ``prctl(PR_SET_PDEATHSIG, SIGTERM)`` when its parent is llfarm itself, so the kernel signals it the
   moment llfarm dies, and a SIGTERM handler that kills its whole process group (a SIGTERM forwarded by llfarm

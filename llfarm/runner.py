@@ -52,7 +52,6 @@ def prepare_run(resolved: Resolved, backend: str | None = None, *, plan: bool = 
     backend.plan_platform), so a named backend is not refused for hardware this machine lacks."""
     strategy = resolved.strategy
     template = load_template(strategy.template)       # unknown template, broken jinja → exit 2 now, not mid-run
-    check_export_formats(strategy, template)
     with planning() if plan else nullcontext():
         plat = plan_platform(strategy, detect(), backend) if plan else detect()
         choose_backend(strategy, plat, backend)       # refuse early, before the data is read
@@ -64,6 +63,7 @@ def prepare_run(resolved: Resolved, backend: str | None = None, *, plan: bool = 
     check_renders(template, data.eval_rows[:RENDER_CHECKED], bos=bos, eos=eos, what="data.eval")
     with planning() if plan else nullcontext():       # then what the backend refuses in this data
         chosen = choose_backend(strategy, plat, backend, data)
+    check_export_formats(strategy, template)
     steps = total_steps(strategy, data.n_train)
     if steps < 1:
         raise DataError(f"the strategy trains for zero steps ({data.n_train} examples, epochs "
@@ -293,9 +293,9 @@ def _update_progress(progress, task, run: RunDir) -> None:
 def failure_hint(run: RunDir, log_tail: str) -> str:
     """The hint under a failed training process: what the log says, when it is something the user can fix."""
     full_log = f"full log: {run.show(run.logs / 'train.log')}"
-    if "No space left on device" in log_tail or "Disk quota exceeded" in log_tail:
-        return (f"the disk holding {run} is full (free space, then `llfarm resume {run}` continues from the last "
-                f"complete checkpoint); {full_log}")
+    if "llfarm: writing checkpoint-" in log_tail or "No space left on device" in log_tail:
+        return (f"free space on that disk, then `llfarm resume {run}` continues from the last complete checkpoint; "
+                f"{full_log}")
     return full_log
 
 

@@ -33,12 +33,12 @@ def run(spec: dict[str, Any], load: Loader | None = None, *, extra_final: dict[s
 
     from transformers import set_seed
 
-    from .checkpoints import completeness_callback, install_fault_injection
+    from .checkpoints import completeness_callback, instrument_saves
     from .compat import ensure_warnings_issued, fix_trl_availability_flags
     from .metrics import trainer_callback
     from .templates import load_template
 
-    install_fault_injection()           # tests only (LLFARM_FAULT_KILL_IN_SAVE)
+    instrument_saves()                  # a failed save names its file and disk (+ tests' fault injection)
     fix_trl_availability_flags()        # before any trl trainer module is imported
     set_seed(spec["args"]["seed"])
     template = load_template(spec["template"])
@@ -161,5 +161,16 @@ def rm_accuracy(model, tokenizer, template, rows, max_length) -> float:
     return round(right / max(len(rows), 1), 4)
 
 
+def main(argv: list[str]) -> int:
+    from .checkpoints import CheckpointSaveError
+    try:
+        return run(read_spec(argv[0]))
+    except CheckpointSaveError as exc:       # the traceback for the log, then the one line that says what happened
+        import traceback
+        traceback.print_exc()
+        print(exc, flush=True)
+        return 1
+
+
 if __name__ == "__main__":
-    sys.exit(run(read_spec(sys.argv[1])))
+    sys.exit(main(sys.argv[1:]))

@@ -57,11 +57,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"llfarm: LlamaFactory rejected {opts.config}: {msg}", flush=True)
         return 2
 
-    from llfarm.checkpoints import completeness_callback, install_fault_injection
+    from llfarm.checkpoints import completeness_callback, instrument_saves
     from llfarm.metrics import trainer_callback
     from llfarm.templates import load_template
 
-    install_fault_injection()           # tests only (LLFARM_FAULT_KILL_IN_SAVE)
+    instrument_saves()                  # a failed save names its file and disk (+ tests' fault injection)
 
     template = load_template(opts.template)
     stage = finetuning_args.stage
@@ -81,7 +81,8 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:  # noqa: BLE001 - the traceback goes to the log, one line ends it
         traceback.print_exc()
         msg = " ".join(str(exc).split())[:500]
-        print(f"llfarm: LlamaFactory failed: {type(exc).__name__}: {msg}", flush=True)
+        print(msg if msg.startswith("llfarm: ") else f"llfarm: LlamaFactory failed: {type(exc).__name__}: {msg}",
+              flush=True)
         return 1
 
     if training_args.should_save:
