@@ -27,7 +27,8 @@ class LlfarmGroup(click.Group):
         try:
             return super().invoke(ctx)
         except LlfarmError as exc:
-            click.echo(f"llfarm: error: {exc.render()}", err=True)
+            from .redact import redact_text          # an error never prints a secret it quotes (a --set value...)
+            click.echo(f"llfarm: error: {redact_text(exc.render())}", err=True)
             sys.exit(exc.exit_code)
         except BrokenPipeError:
             raise  # the reader went away (`llfarm plan x | head -1`): click ends quietly

@@ -9,8 +9,9 @@ module, and each worker a torchrun/accelerate launcher starts with them — call
   moment llfarm dies, and a SIGTERM handler that kills its whole process group (a SIGTERM forwarded by llfarm
   ends the group the same way);
 - everywhere: a daemon thread that checks every :data:`POLL_S` seconds that the llfarm process still exists (same
-  pid *and* start time, so a reused pid does not count) and otherwise kills the whole process group — the launcher,
-  its workers and their data-loader processes — with SIGKILL.
+  pid *and* start time, so a reused pid does not count) and otherwise kills, with SIGKILL, its own process group
+  (itself and its data-loader processes) and its launcher's (torchrun starts each worker in a session of its own,
+  so the launcher is in another group) — never llfarm's own group.
 
 So ``kill -9`` of llfarm (or its terminal closing) takes the training with it within a second instead of leaving
 it training unseen and holding the GPU. Run by hand from ``native/command.txt`` (no ``LLFARM_PARENT``), nothing
@@ -81,34 +82,43 @@ def guard() -> threading.Thread | None:
     except ValueError:
         return None
     try:
-        own_group = os.getpgid(parent) != os.getpgrp()
+        llfarm_group = os.getpgid(parent)
     except ProcessLookupError:
-        own_group = True
+        llfarm_group = None                   # already gone: the groups below are ours to end
     except OSError:
-        own_group = False
-    if not own_group:
-        return None                           # not started by the runner in a session of its own: never killpg
+        return None
+    # Our group, and our parent's when it is a launcher (torchrun starts each worker in a session of its own): never
+    # llfarm's group (its terminal's job), so a process not started by the runner in a new session kills nothing.
+    groups = {os.getpgrp(), os.getpgid(os.getppid())} - {llfarm_group}
+    if os.getpgrp() not in groups:
+        return None
     if os.getppid() == parent and threading.current_thread() is threading.main_thread():
         # The direct child: SIGTERM (llfarm dying, or llfarm forwarding a SIGTERM/SIGHUP) takes the whole group.
-        signal.signal(signal.SIGTERM, lambda signum, frame: _kill_group())
+        signal.signal(signal.SIGTERM, lambda signum, frame: _kill_groups(groups))
         _set_pdeathsig(signal.SIGTERM)
     if not alive(parent, started):
-        _kill_group()
-    thread = threading.Thread(target=_watch, args=(parent, started), name="llfarm-lifeline", daemon=True)
+        _kill_groups(groups)
+    thread = threading.Thread(target=_watch, args=(parent, started, groups), name="llfarm-lifeline", daemon=True)
     thread.start()
     return thread
 
 
-def _watch(parent: int, started: str) -> None:
+def _watch(parent: int, started: str, groups: set[int]) -> None:
     import time
     while alive(parent, started):
         time.sleep(POLL_S)
-    _kill_group()
+    _kill_groups(groups)
 
 
-def _kill_group() -> None:
+def _kill_groups(groups: set[int]) -> None:
+    own = os.getpgrp()
     try:
-        os.killpg(os.getpgrp(), signal.SIGKILL)
+        for group in sorted(groups - {own}):  # the launcher's first, then ours (which includes this process)
+            try:
+                os.killpg(group, signal.SIGKILL)
+            except OSError:
+                pass
+        os.killpg(own, signal.SIGKILL)
     finally:
         os._exit(137)                         # pragma: no cover - only if the group kill did not take us
 

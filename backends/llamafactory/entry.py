@@ -30,6 +30,8 @@ import traceback
 from pathlib import Path
 from typing import Any
 
+from llfarm.redact import SECRET_OPTIONS_ENV
+
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m llfarm.backends.llamafactory.entry")
@@ -42,12 +44,8 @@ def main(argv: list[str] | None = None) -> int:
     lifeline.guard()                    # die with the llfarm process that started us (and take our group along)
     os.environ.setdefault("DISABLE_VERSION_CHECK", "1")
 
-    import yaml
-
-    from llfarm.redact import SECRET_OPTIONS_ENV
-    args: dict[str, Any] = yaml.safe_load(Path(opts.config).read_text(encoding="utf-8"))
-    # secret-named options (hf_hub_token, ...) come through the environment, never through the config file
-    args.update(json.loads(os.environ.pop(SECRET_OPTIONS_ENV, "") or "{}"))
+    args = read_config(opts.config)
+    os.environ.pop(SECRET_OPTIONS_ENV, None)    # LlamaFactory's own subprocesses need not see it
 
     from llamafactory.hparams import get_train_args
     try:
@@ -92,6 +90,15 @@ def main(argv: list[str] | None = None) -> int:
             final["train_pair_accuracy"] = rm_stats.train_pair_accuracy
         Path(opts.final).write_text(json.dumps(final, indent=2) + "\n", encoding="utf-8")
     return 0
+
+
+def read_config(path: str) -> dict[str, Any]:
+    """The LlamaFactory config: the YAML file, plus the secret-named options (hf_hub_token, ...) that llfarm passes
+    through the environment and never writes into the file."""
+    import yaml
+    args: dict[str, Any] = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    args.update(json.loads(os.environ.get(SECRET_OPTIONS_ENV, "") or "{}"))
+    return args
 
 
 # ---------------------------------------------------------------- callbacks
