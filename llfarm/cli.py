@@ -103,8 +103,9 @@ def strategies_list() -> None:
 def strategies_show(name: str, resolved: bool) -> None:
     """Print a shipped strategy (or any strategy file)."""
     from .strategy import find_strategy, resolve
+    from .yamlload import read_text
     if not resolved:
-        click.echo(find_strategy(name).read_text(encoding="utf-8"), nl=False)
+        click.echo(read_text(find_strategy(name)), nl=False)
         return
     _print_sources(resolve(name))
 

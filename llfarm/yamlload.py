@@ -81,7 +81,8 @@ def check(root: yaml.Node, where: str) -> None:
                 line = key_node.start_mark.line + 1
                 child = f"{path}.{name}" if path else str(name)
                 if name is not None and name in seen:
-                    raise StrategyError([f"duplicate key '{child}' on lines {seen[name]} and {line}"],
+                    shown = child if len(child) <= 80 else child[:77] + "..."
+                    raise StrategyError([f"duplicate key '{shown}' on lines {seen[name]} and {line}"],
                                         where=f"{where}:{line}",
                                         hint="YAML would keep only the last one; merge the two or remove one")
                 if name is not None:

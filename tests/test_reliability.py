@@ -236,7 +236,7 @@ def test_kill_9_of_llfarm_takes_the_training_with_it(tmp_path):
                              "--set", "training.max_steps=1000", *SHORT], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE)
     try:
-        wait_for(lambda: steps_logged(run) >= 3, what="training")
+        wait_for(lambda: (run / "checkpoints" / "checkpoint-4" / "llfarm-complete.json").is_file(), what="training")
         child = json.loads((run / "run.lock").read_text())["child_pid"]
         proc.kill()
         proc.wait()
@@ -541,6 +541,21 @@ def test_resume_max_steps_must_move_forward(trained, tmp_path):
     assert "--max-steps 12 is not beyond checkpoint-12 (step 12)" in err
     assert {p: p.read_bytes() for p in before} == before, "a refused resume changed the run"
     assert not (run / "run.lock").exists()
+
+
+@pytest.mark.slow
+def test_export_name_holding_a_secret_is_refused(trained, tmp_path):
+    run = copy_run(trained, tmp_path / "r")
+    err = one_line_error(llfarm("export", str(run), "--format", "gguf", "--name", STRAY))
+    assert "--name" in err and STRAY not in err
+    assert not (run / "exports").exists() and not (run / "run.lock").exists()
+
+
+def test_optimizer_names_match_the_installed_transformers():
+    from transformers.training_args import OptimizerNames
+
+    from llfarm.training import HF_OPTIMIZERS
+    assert set(HF_OPTIMIZERS) == {m.value for m in OptimizerNames}
 
 
 def test_os_errors_name_the_file(tmp_path, monkeypatch):
