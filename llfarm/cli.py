@@ -27,7 +27,8 @@ class LlfarmGroup(click.Group):
         try:
             return super().invoke(ctx)
         except LlfarmError as exc:
-            from .redact import redact_text          # an error never prints a secret it quotes (a --set value...)
+            # an error never prints a secret it quotes (a --set value...)
+            from .redact import redact_text
             click.echo(f"llfarm: error: {redact_text(exc.render())}", err=True)
             sys.exit(exc.exit_code)
         except BrokenPipeError:

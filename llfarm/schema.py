@@ -121,6 +121,12 @@ class Strategy(Section):
     backend_options: dict[str, dict[str, Any]] = Field(
         default_factory=dict, description="Raw native keys per backend, checked by that backend.")
 
+    @field_validator("backend_options", mode="before")
+    @classmethod
+    def _empty_options(cls, v: Any) -> Any:
+        """`pytorch:` with nothing under it (YAML null) means no options."""
+        return {k: ({} if o is None else o) for k, o in v.items()} if isinstance(v, dict) else v
+
     @field_validator("name")
     @classmethod
     def _safe_name(cls, v: str) -> str:

@@ -37,21 +37,26 @@ def read_text(path: Path) -> str:
 
 def load(text: str, where: str) -> tuple[Any, yaml.Node | None]:
     """(data, root node) of one YAML document; ``where`` names it in errors (a file path, or '--set ...')."""
-    loader = yaml.SafeLoader(text)
+    loader = None
     try:
+        loader = yaml.SafeLoader(text)        # refuses control characters (a NUL byte) right here
         node = loader.get_single_node()
         if node is not None:
             check(node, where)
         data = loader.construct_document(node) if node is not None else None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
+        line = mark.line + 1 if mark else None
+        if isinstance(exc, yaml.reader.ReaderError):
+            line = text[:exc.position].count("\n") + 1
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-        raise StrategyError([f"malformed YAML: {problem}"], where=f"{where}:{mark.line + 1}" if mark else where,
+        raise StrategyError([f"malformed YAML: {problem}"], where=f"{where}:{line}" if line else where,
                             hint="check indentation and quoting on that line") from None
     except RecursionError:
         raise StrategyError(["YAML nested too deeply"], where=where, hint="a strategy is a few levels deep") from None
     finally:
-        loader.dispose()
+        if loader is not None:
+            loader.dispose()
     return data, node
 
 

@@ -41,6 +41,18 @@ def one_line_error(proc: subprocess.CompletedProcess, code: int = 2) -> str:
     return err
 
 
+def process_gone(pid: int) -> bool:
+    """The process no longer runs (it does not exist, or it is a zombie waiting to be reaped)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[-1].split()[0] == "Z"
+    except OSError:
+        return False
+
+
 def run_dir_from(proc: subprocess.CompletedProcess) -> Path:
     assert proc.returncode == 0, f"llfarm failed ({proc.returncode}):\n{proc.stderr[-4000:]}"
     return Path(proc.stdout.strip().splitlines()[-1])

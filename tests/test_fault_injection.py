@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import LLFARM, llfarm, manifest, metrics
+from conftest import LLFARM, llfarm, manifest, metrics, process_gone
 
 pytestmark = pytest.mark.slow
 
@@ -50,17 +50,6 @@ def wait_until(predicate, timeout: float = 300) -> None:
             return
         time.sleep(0.1)
     raise AssertionError("timed out")
-
-
-def gone(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return True
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[-1].split()[0] == "Z"
-    except OSError:
-        return False
 
 
 def newest_marked(run: Path, killed_at: int) -> str:
@@ -105,7 +94,7 @@ def test_sigkill_of_llfarm(tmp_path, reference, at_step):
     child = json.loads((run / "run.lock").read_text())["child_pid"]
     proc.send_signal(signal.SIGKILL)
     proc.communicate(timeout=60)
-    wait_until(lambda: gone(child), timeout=15)          # the training process died with llfarm
+    wait_until(lambda: process_gone(child), timeout=15)          # the training process died with llfarm
     killed_at = logged_step(run)
     from llfarm.rundir import RunDir
     assert RunDir(run).status() == "crashed"
@@ -117,7 +106,7 @@ def test_sigkill_of_the_training_process(tmp_path, reference):
     proc = start(tmp_path, "r")
     wait_until(lambda: logged_step(run) >= 10)
     os.kill(json.loads((run / "run.lock").read_text())["child_pid"], signal.SIGKILL)
-    out, err = proc.communicate(timeout=120)
+    _, err = proc.communicate(timeout=120)
     killed_at = logged_step(run)
     assert proc.returncode == 1, err[-2000:]
     assert "the pytorch process exited with code -9" in err.strip().splitlines()[-1]
@@ -131,7 +120,7 @@ def test_sigkill_of_the_training_process(tmp_path, reference):
 def test_sigkill_during_a_checkpoint_save(tmp_path, reference, save_step):
     run = tmp_path / "r"
     proc = start(tmp_path, "r", env={"LLFARM_FAULT_KILL_IN_SAVE": str(save_step)})
-    out, err = proc.communicate(timeout=600)
+    _, err = proc.communicate(timeout=600)
     assert proc.returncode == 1 and manifest(run)["status"] == "failed", err[-2000:]
     partial = run / "checkpoints" / f"checkpoint-{save_step}"
     assert (partial / "adapter_model.safetensors").is_file() and not (partial / "llfarm-complete.json").exists()
@@ -148,7 +137,7 @@ def test_full_disk_during_a_checkpoint_save(tmp_path, reference):
     wait_until(lambda: (run / "checkpoints" / "checkpoint-8" / "llfarm-complete.json").is_file())
     (run / "checkpoints" / "checkpoint-12").mkdir()
     (run / "checkpoints" / "checkpoint-12" / "optimizer.pt").symlink_to("/dev/full")
-    out, err = proc.communicate(timeout=600)
+    _, err = proc.communicate(timeout=600)
     assert proc.returncode == 1, err[-2000:]
     assert "llfarm: writing checkpoint-12/optimizer.pt failed:" in err and "MiB free" in err, err[-2000:]
     last = err.strip().splitlines()[-1]

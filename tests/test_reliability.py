@@ -35,7 +35,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import LLFARM, llfarm, manifest, metrics, one_line_error, write
+from conftest import LLFARM, llfarm, manifest, metrics, one_line_error, process_gone, write
 
 SECRET = "hf_llfarmRELIABILITYtokenABCDEFGHIJKLMN"        # $HF_TOKEN in these tests
 OTHER = "wandb-0123456789abcdef0123456789abcdef"           # $WANDB_API_KEY
@@ -140,7 +140,7 @@ def test_resume_with_no_complete_checkpoint_is_one_line(trained, tmp_path):
 
 
 def test_checkpoint_choice_verifies_the_marker(tmp_path):
-    from llfarm.checkpoints import MARKER, choose, mark_complete
+    from llfarm.checkpoints import MARKER, mark_complete
     from llfarm.rundir import RunDir
     run = RunDir(tmp_path).create()
     for step in (4, 8, 12):
@@ -193,7 +193,7 @@ def test_a_run_that_is_training_cannot_be_resumed_or_exported(tmp_path):
             assert f"the run is in use by llfarm run (pid {proc.pid}" in err, err
         assert steps_logged(run) >= logged, "metrics.jsonl was truncated"
         assert {p: p.stat().st_mtime_ns for p in (run / "native").rglob("*") if p.is_file()} == native_before
-        out, err = proc.communicate(timeout=600)
+        _, err = proc.communicate(timeout=600)
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -241,7 +241,7 @@ def test_kill_9_of_llfarm_takes_the_training_with_it(tmp_path):
         proc.kill()
         proc.wait()
         start = time.time()
-        wait_for(lambda: not _exists(child), timeout=15, what=f"the training process {child} to die")
+        wait_for(lambda: process_gone(child), timeout=15, what=f"the training process {child} to die")
         print(f"training process gone {time.time() - start:.2f} s after kill -9 of llfarm")
     finally:
         if proc.poll() is None:
@@ -253,17 +253,6 @@ def test_kill_9_of_llfarm_takes_the_training_with_it(tmp_path):
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "had died without finishing (status: crashed)" in resumed.stderr
     assert manifest(run)["status"] == "completed" and RunDir(run).liveness() == "none"
-
-
-def _exists(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[-1].split()[0] != "Z"
-    except OSError:
-        return True
 
 
 def test_a_child_outlives_nothing_it_was_not_asked_to_guard(tmp_path):
@@ -284,7 +273,7 @@ def test_a_child_outlives_nothing_it_was_not_asked_to_guard(tmp_path):
     grandchild = int(child.stdout.readline())
     parent.wait()
     assert child.wait(timeout=15) == -signal.SIGKILL
-    wait_for(lambda: not _exists(grandchild), timeout=10, what="the grandchild to die")
+    wait_for(lambda: process_gone(grandchild), timeout=10, what="the grandchild to die")
     assert lifeline.alive(os.getpid(), lifeline.start_time(os.getpid()))
     assert not lifeline.alive(os.getpid(), "1")                          # same pid, another start time: reused
 
