@@ -81,16 +81,8 @@ def guard() -> threading.Thread | None:
         parent = int(pid_text)
     except ValueError:
         return None
-    try:
-        llfarm_group = os.getpgid(parent)
-    except ProcessLookupError:
-        llfarm_group = None                   # already gone: the groups below are ours to end
-    except OSError:
-        return None
-    # Our group, and our parent's when it is a launcher (torchrun starts each worker in a session of its own): never
-    # llfarm's group (its terminal's job), so a process not started by the runner in a new session kills nothing.
-    groups = {os.getpgrp(), os.getpgid(os.getppid())} - {llfarm_group}
-    if os.getpgrp() not in groups:
+    groups = groups_to_end(parent)
+    if not groups:
         return None
     if os.getppid() == parent and threading.current_thread() is threading.main_thread():
         # The direct child: SIGTERM (llfarm dying, or llfarm forwarding a SIGTERM/SIGHUP) takes the whole group.
@@ -101,6 +93,28 @@ def guard() -> threading.Thread | None:
     thread = threading.Thread(target=_watch, args=(parent, started, groups), name="llfarm-lifeline", daemon=True)
     thread.start()
     return thread
+
+
+def groups_to_end(parent: int) -> set[int]:
+    """The process groups to kill when llfarm (``parent``) dies: ours, when we or our parent lead it (the runner
+    starts the backend in a session of its own; torchrun starts each worker in one), and our parent's when it is a
+    launcher leading its own group. Never llfarm's group (its terminal's job) nor init's, so a process that was not
+    started that way kills nothing."""
+    own, ppid = os.getpgrp(), os.getppid()
+    try:
+        llfarm_group: int | None = os.getpgid(parent)
+    except ProcessLookupError:
+        llfarm_group = None                   # already gone
+    except OSError:
+        return set()
+    groups = {own} if own in (os.getpid(), ppid) else set()
+    if llfarm_group is not None and ppid not in (1, parent):
+        try:
+            if os.getpgid(ppid) == ppid:      # the launcher leads its own group
+                groups.add(ppid)
+        except OSError:
+            pass
+    return groups - {llfarm_group, 0, 1}
 
 
 def _watch(parent: int, started: str, groups: set[int]) -> None:

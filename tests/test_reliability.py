@@ -255,6 +255,26 @@ def test_kill_9_of_llfarm_takes_the_training_with_it(tmp_path):
     assert manifest(run)["status"] == "completed" and RunDir(run).liveness() == "none"
 
 
+@pytest.mark.slow
+def test_kill_9_of_llfarm_takes_a_torchrun_tree_with_it(tmp_path):
+    """torchrun starts each worker in a session of its own: the worker's watchdog ends its group and the launcher's."""
+    run = tmp_path / "runs" / "t"
+    proc = subprocess.Popen([LLFARM, "run", "quickstart", "-o", str(tmp_path / "runs"), "--run-id", "t",
+                             "--set", "training.max_steps=1000", "--set", "distributed.launcher=torchrun", *SHORT],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        wait_for(lambda: steps_logged(run) >= 2, what="training")
+        found = subprocess.run(["pgrep", "-f", str(run / "native")], capture_output=True, text=True, check=False)
+        tree = [int(p) for p in found.stdout.split()]
+        assert len(tree) >= 2, f"expected torchrun and a worker, found {tree}"
+        proc.kill()
+        proc.wait()
+        wait_for(lambda: all(process_gone(p) for p in tree), timeout=15, what=f"{tree} to die")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
 def test_a_child_outlives_nothing_it_was_not_asked_to_guard(tmp_path):
     """Without LLFARM_PARENT (a native command run by hand) guard() does nothing; with a parent that is alive it
     only watches; when that parent dies it kills its own process group (and nothing else)."""
