@@ -227,7 +227,7 @@ def fast_cases() -> list[Case]:
     add("alias bomb (mappings)", s, timed(10, strat(bomb())), refused("alias"))   # base: 18 GB in 6 min
     add("alias bomb (lists under backend_options)", s, timed(10, strat(list_bomb())), refused())
     add("alias bomb in a known key", s, timed(10, strat(bomb() + "description: *x8\n")), refused("alias"))
-    add("recursive alias", s, strat(GOOD + "x: &a [1, *a]\n"), refused("itself"))
+    add("recursive alias", s, timed(10, strat(GOOD + "description: &a [1, *a]\n")), refused())
     add("undefined alias", s, strat(GOOD + "description: *nope\n"), refused("malformed YAML"))
     add("duplicate top-level key", s, strat(GOOD + "training: {max_steps: 5}\n"),
         refused("duplicate key 'training' on lines 4 and 5"))
@@ -242,7 +242,7 @@ def fast_cases() -> list[Case]:
     add("template YAML without jinja", t, with_file("t.yaml", "name: x\n", strat(GOOD + "template: t.yaml\n")),
         refused("needs the keys"))
     add("template YAML malformed", t, with_file("t.yaml", "name: [x\n", strat(GOOD + "template: t.yaml\n")),
-        refused("malformed YAML"))
+        refused("t.yaml"))
     add("template broken jinja", t, with_file("t.yaml", template(lambda x: x.replace("{% for", "{% if %}{% for", 1)),
                                               strat(GOOD + "template: t.yaml\n")), refused("jinja syntax error"))
     add("template broken jinja (validate)", t,
@@ -269,12 +269,12 @@ def fast_cases() -> list[Case]:
     o = "backend_options"
     add("misspelt backend", o, strat(GOOD + "backend_options: {lamafactory: {}}\n"),
         refused("did you mean 'llamafactory'"))
-    add("pytorch unknown option", o, strat(GOOD + "backend_options: {pytorch: {optimm: sgd}}\n"),
-        refused("did you mean 'optim'"))
-    add("pytorch bad optimizer", o, strat(GOOD + "backend_options: {pytorch: {optim: adamw_trch}}\n"),
-        refused("backend_options.pytorch.optim"))
-    add("pytorch negative workers", o, strat(GOOD + "backend_options: {pytorch: {dataloader_num_workers: -1}}\n"),
-        refused("dataloader_num_workers"))
+    add("pytorch unknown option", o, strat(GOOD + "backend_options: {pytorch: {torch_compil: true}}\n"),
+        refused("did you mean 'torch_compile'"))
+    add("pytorch option out of range", o, strat(GOOD + "backend_options: {pytorch: {label_smoothing_factor: 2}}\n"),
+        refused("label_smoothing_factor"))
+    add("unknown optimizer", o, strat(GOOD.replace("max_steps: 2,", "max_steps: 2, optimizer: adamw_trch,")),
+        refused("training.optimizer"))
     add("llamafactory unknown key", o,
         strat(GOOD + "backend: llamafactory\nbackend_options: {llamafactory: {learning_rat: 1}}\n"),
         refused("did you mean 'learning_rate'"))

@@ -31,8 +31,35 @@ def resolve_model(ref: str) -> str:
     return ref
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+                   "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja")
+
+
+def tokenizer_fingerprint(model: str, revision: str | None = None) -> str:
+    """What decides a model's tokenization, as a hash, without loading anything heavy: the tokenizer files of a
+    local folder (or of the hub cache's snapshot), else the hub id and revision."""
+    import hashlib
+
+    h = hashlib.sha256()
+    folder = Path(model) if Path(model).is_dir() else None
+    if folder is None:
+        h.update(f"hub:{model}@{revision or 'main'}".encode())
+        try:                                    # the files the hub cache holds for it, when it has them
+            from huggingface_hub import try_to_load_from_cache
+            found = try_to_load_from_cache(model, "tokenizer_config.json", revision=revision)
+            folder = Path(found).parent if isinstance(found, str) else None
+        except ImportError:
+            folder = None
+    if folder is not None:
+        for name in TOKENIZER_FILES:
+            f = folder / name
+            if f.is_file():
+                h.update(name.encode() + b"\0" + f.read_bytes() + b"\0")
+    return h.hexdigest()
+
+
 # Any one of these lets AutoTokenizer load (fast tokenizer.json; BPE vocab.json + merges.txt; SentencePiece; WordPiece).
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model",
+LOADABLE_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model",
                    "sentencepiece.bpe.model", "tokenizer.tiktoken")
 
 
@@ -70,8 +97,8 @@ def _check_local(path: Path, ref: str) -> None:
     if not isinstance(config.get("model_type"), str) and not config.get("architectures"):
         raise ModelError(f"{ref}/config.json names no model_type, so transformers cannot tell which model it is",
                          where="model.path", hint="restore the model's config.json")
-    if not any((path / f).is_file() for f in TOKENIZER_FILES):
-        raise ModelError(f"{ref} has no tokenizer (none of {', '.join(TOKENIZER_FILES[:4])}, ...)",
+    if not any((path / f).is_file() for f in LOADABLE_TOKENIZER_FILES):
+        raise ModelError(f"{ref} has no tokenizer (none of {', '.join(LOADABLE_TOKENIZER_FILES[:4])}, ...)",
                          where="model.path",
                          hint="save the tokenizer into the model folder (tokenizer.save_pretrained(folder))")
     for name in ("tokenizer.json", "tokenizer_config.json"):

@@ -47,9 +47,11 @@ class Prepared:
     precision: str
 
 
-def prepare_run(resolved: Resolved, backend: str | None = None, *, plan: bool = False) -> Prepared:
-    """Every check that can fail on bad input, before anything is written. ``plan``: compile only (see
-    backend.plan_platform), so a named backend is not refused for hardware this machine lacks."""
+def prepare_run(resolved: Resolved, backend: str | None = None, *, plan: bool = False,
+                write_data: bool = True) -> Prepared:
+    """Every check that can fail on bad input, before any run directory is written. ``plan``: compile only (see
+    backend.plan_platform), so a named backend is not refused for hardware this machine lacks. ``write_data``:
+    fill the data cache while checking (`validate` reads only)."""
     strategy = resolved.strategy
     template = load_template(strategy.template)       # unknown template, broken jinja → exit 2 now, not mid-run
     with planning() if plan else nullcontext():
@@ -57,10 +59,9 @@ def prepare_run(resolved: Resolved, backend: str | None = None, *, plan: bool = 
         choose_backend(strategy, plat, backend)       # refuse early, before the data is read
     model_path = resolve_model(strategy.model.path)
     check_model(model_path, strategy.model.path, revision=strategy.model.revision, hub_cache=not plan)
-    data = prepare(strategy)
+    data = prepare(strategy, write=write_data)
     bos, eos = special_tokens(model_path, template)
-    check_renders(template, data.train_rows[:RENDER_CHECKED], bos=bos, eos=eos)
-    check_renders(template, data.eval_rows[:RENDER_CHECKED], bos=bos, eos=eos, what="data.eval")
+    check_renders(template, first_rows(data), bos=bos, eos=eos)
     with planning() if plan else nullcontext():       # then what the backend refuses in this data
         chosen = choose_backend(strategy, plat, backend, data)
     check_export_formats(strategy, template)
@@ -86,6 +87,18 @@ def check_export_formats(strategy, template) -> None:
     if "ollama" in formats and strategy.data.system and '"""' in strategy.data.system:
         raise ExportError('data.system contains \'"""\', which a Modelfile SYSTEM cannot quote',
                           where="data.system", hint="remove the triple quote, or drop ollama from export.formats")
+
+
+def first_rows(data: PreparedData, limit: int = RENDER_CHECKED) -> list[dict[str, Any]]:
+    """The first normalized rows of every train and eval source, from the data cache (read-only `validate` of data
+    no run has cached yet sees none: its template is then only compiled, not rendered)."""
+    import json
+    rows: list[dict[str, Any]] = []
+    for src in (*data.sources, *data.eval_sources):
+        if src.dir is not None and src.data_path.is_file():
+            with open(src.data_path, "rb") as fh:
+                rows += [json.loads(line) for _, line in zip(range(limit), fh)]
+    return rows
 
 
 def special_tokens(model_path: str, template) -> tuple[str, str]:
@@ -136,8 +149,8 @@ def create_run(prep: Prepared, output: Path, run_id: str | None = None) -> tuple
 
 
 def compile_into(prep: Prepared, run: RunDir, resume_from: Path | None = None) -> tuple[CompileContext, NativePlan]:
-    """Write the normalized data into native/, compile with the chosen backend, record the command."""
-    prep.data.write(run.native / "data")
+    """Point at the data (cached once, never copied per run), compile with the chosen backend, record the command."""
+    prep.data.materialize()
     ctx = CompileContext(strategy=prep.resolved.strategy, run=run, platform=prep.platform,
                          model_path=prep.model_path, data=prep.data, precision=prep.precision,
                          resume_from=resume_from)
@@ -160,8 +173,7 @@ def initial_manifest(prep: Prepared, run: RunDir, plan: NativePlan) -> dict[str,
         "platform": prep.platform.name, "precision": prep.precision,
         "model_path": prep.model_path, "template": s.template, "template_eos": tpl.eos,
         "system": s.data.system, "output_kind": "adapter" if s.is_peft else "model",
-        "data": {"format": prep.data.source_format, "n_train": prep.data.n_train, "n_eval": prep.data.n_eval,
-                 "sha256": prep.data.sources},
+        "data": prep.data.manifest(),
         "strategy_sha256": _sha256_text(run.strategy_path.read_text(encoding="utf-8")),
         "total_steps": plan.total_steps, "versions": library_versions(),
         "paths": {"native": "native", "logs": "logs", "metrics": "metrics.jsonl", "checkpoints": "checkpoints"},
@@ -176,8 +188,9 @@ def _sha256_text(text: str) -> str:
 
 # ---------------------------------------------------------------- execution
 
-def child_env(plan: NativePlan) -> dict[str, str]:
+def child_env(plan: NativePlan, extra: dict[str, str] | None = None) -> dict[str, str]:
     env = dict(os.environ)
+    env.update(extra or {})
     env.update(plan.env)
     env.update(plan.secret_env)
     env.setdefault("PYTHONUNBUFFERED", "1")
@@ -201,7 +214,9 @@ def execute(ctx: CompileContext, plan: NativePlan, *, verbose: bool = False, loc
     with open(log_path, "a", encoding="utf-8") as log:
         log.write(f"$ {redact_text(plan.command_line())}\n")
         log.flush()
-        proc = subprocess.Popen(plan.argv, cwd=plan.cwd, env=child_env(plan), stdout=subprocess.PIPE,
+        from .training import tracking_env
+        proc = subprocess.Popen(plan.argv, cwd=plan.cwd, env=child_env(plan, tracking_env(ctx.strategy, run)),
+                                stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, text=True, bufsize=1, start_new_session=True)
         if lock is not None:
             lock.update(child_pid=proc.pid)

@@ -51,7 +51,7 @@ def find_strategy(ref: str, *, relative_to: Path | None = None) -> Path:
     shipped = shipped_strategies()
     if ref in shipped:
         return shipped[ref]
-    if ref.endswith((".yaml", ".yml")) or "/" in ref:
+    if ref.endswith((".yaml", ".yml", ".json")) or "/" in ref:
         raise StrategyError([f"strategy file '{ref}' not found"],
                             hint="check the path, or run `llfarm strategies list` for shipped names")
     raise StrategyError([f"unknown strategy '{ref}'{did_you_mean(ref, shipped)}"],
@@ -147,6 +147,9 @@ def absolute_path(key: str, value: Any, base: Path) -> Any:
     file, the current directory for ``--set``. Stored absolute, the resolved strategy means the same thing to the
     training child (which runs in the run directory) and to later commands run from anywhere. Names that are not
     paths (builtin:NAME, a hub id, a shipped template, zero2) are left as they are."""
+    if key in ("data.train", "data.eval") and isinstance(value, list):   # a list of sources
+        return [{**v, "path": absolute_path(key, v["path"], base)} if isinstance(v, dict) and "path" in v
+                else absolute_path(key, v, base) for v in value]
     if not isinstance(value, str) or not value:
         return value
     if value.startswith("~"):
@@ -221,6 +224,8 @@ def _describe(err: dict[str, Any], root: type[BaseModel], base: tuple[Any, ...] 
     received = _short(err.get("input"))
     if kind == "llfarm":                     # llfarm's own check, already in the user's words
         return err["msg"]
+    if kind == "llfarm_combination":         # a rule between keys, blamed on the key it names
+        return f"'{err['ctx']['key']}' {err['ctx']['problem']}"
     if kind == "extra_forbidden":
         parent = _model_at(loc[:-1], root)
         hint = did_you_mean(str(loc[-1]), parent.model_fields) if parent else ""
@@ -229,15 +234,17 @@ def _describe(err: dict[str, Any], root: type[BaseModel], base: tuple[Any, ...] 
         return f"'{key}' is required"
     if kind == "literal_error":
         expected = err.get("ctx", {}).get("expected", "")
+        value = err.get("input")
         choices = re.findall(r"'([^']*)'", expected)
+        close = did_you_mean(value, choices) if isinstance(value, str) else ""
         if len(choices) > 8:                 # a long list (optimizers, schedulers): the closest, and how many
-            near = did_you_mean(str(err.get("input")), choices)
             return f"'{key}' must be one of {len(choices)} values ({', '.join(choices[:4])}, ...), received " \
-                   f"{received}{near}"
-        return f"'{key}' must be {expected}, received {received}"
+                   f"{received}{close}"
+        return f"'{key}' must be {expected}, received {received}{close}"
     msg = err["msg"]
     if kind == "value_error":
-        return f"'{key}' {msg.removeprefix('Value error, ')}"
+        msg = msg.removeprefix("Value error, ")
+        return f"'{key}' {msg}" if key else msg
     return f"'{key}' {msg[0].lower() + msg[1:]}, received {received}"
 
 
@@ -294,7 +301,8 @@ def validate(data: dict[str, Any], *, file: Path | None = None,
         return strategy
     found = []
     for err, root, base in errors:
-        key = ".".join(str(p) for p in (*base, *err["loc"]))
+        key = err["ctx"]["key"] if err["type"] == "llfarm_combination" else \
+            ".".join(str(p) for p in (*base, *err["loc"]))
         found.append((_describe(err, root, base), _origin(key, sources)))
     if len(found) == 1:
         problem, origin = found[0]

@@ -107,7 +107,8 @@ def check_renders(template: ChatTemplate, rows: list[dict[str, Any]], *, bos: st
                   what: str = "data.train") -> None:
     """Render the first examples the way the training process will (llfarm.train_common), so a template that fails
     on this data — an undefined variable, raise_exception, a prompt that is not a prefix of the conversation — is
-    refused before anything is written. ``rows`` are normalized records (messages, or prompt/chosen/rejected)."""
+    refused before anything is written. ``rows`` are normalized records (messages, or prompt/chosen/rejected; plain
+    text rows use no template)."""
     for i, row in enumerate(rows, 1):
         try:
             if "messages" in row:
@@ -117,7 +118,7 @@ def check_renders(template: ChatTemplate, rows: list[dict[str, Any]], *, bos: st
                 if not full.startswith(prompt):
                     raise ValueError("the prompt it renders (up to the answer) is not the start of the whole "
                                      "conversation it renders, so the answer cannot be told from the prompt")
-            else:
+            elif {"prompt", "chosen", "rejected"} <= set(row):
                 template.render(row["prompt"], add_generation_prompt=True, bos_token=bos, eos_token=eos)
                 for k in ("chosen", "rejected"):
                     template.render([*row["prompt"], {"role": "assistant", "content": row[k]}], bos_token=bos,

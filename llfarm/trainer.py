@@ -47,17 +47,18 @@ def run(spec: dict[str, Any], load: Loader | None = None, *, extra_final: dict[s
     if spec["freeze"]:
         from .train_common import freeze_all_but_last
         freeze_all_but_last(model, spec["freeze"]["trainable_layers"])
-    train_rows = read_jsonl(spec["data"]["train"])
-    eval_rows = read_jsonl(spec["data"]["eval"]) if spec["data"]["eval"] else []
-    trainer = build_trainer(spec, model, tokenizer, template, train_rows, eval_rows, peft_config,
+    train = tokenized(spec, "train", template, tokenizer)
+    evals = tokenized(spec, "eval", template, tokenizer) if spec["data"]["eval"] else None
+    trainer = build_trainer(spec, model, tokenizer, train, evals, peft_config,
                             [trainer_callback(spec["outputs"]["metrics"]), completeness_callback()])
+    if spec.get("loraplus_lr_ratio"):
+        trainer.optimizer = loraplus_optimizer(trainer, spec["loraplus_lr_ratio"])
     result = trainer.train(resume_from_checkpoint=spec["resume_from"])
     save(spec, trainer, tokenizer)
     final = {"global_step": trainer.state.global_step, "train_runtime": result.metrics.get("train_runtime"),
              "num_input_tokens_seen": trainer.state.num_input_tokens_seen, **(extra_final or {})}
     if spec["stage"] == "rm":
-        final["train_pair_accuracy"] = rm_accuracy(trainer.model, tokenizer, template, train_rows,
-                                                   spec["data"]["max_length"])
+        final["train_pair_accuracy"], final["train_pair_accuracy_n"] = rm_accuracy(trainer.model, train)
     Path(spec["outputs"]["final_metrics"]).write_text(json.dumps(final, indent=2) + "\n", encoding="utf-8")
     return 0
 
@@ -75,6 +76,8 @@ def load_transformers(spec: dict[str, Any], template) -> tuple[Any, Any, Any]:
     tokenizer = prepare_tokenizer(tokenizer, template)
     kwargs: dict[str, Any] = {"revision": m["revision"], "trust_remote_code": m["trust_remote_code"],
                               "dtype": getattr(torch, m["dtype"])}
+    if m.get("attn_implementation"):
+        kwargs["attn_implementation"] = m["attn_implementation"]
     quant = m["quantization"]
     if quant:
         from transformers import BitsAndBytesConfig
@@ -100,37 +103,77 @@ def load_transformers(spec: dict[str, Any], template) -> tuple[Any, Any, Any]:
 
 # ---------------------------------------------------------------- data and trainer
 
-def read_jsonl(path: str) -> list[dict[str, Any]]:
-    with open(path, encoding="utf-8") as fh:
-        return [json.loads(line) for line in fh if line.strip()]
+TOKENIZED = "llfarm-tokenized.json"     # written last into a token cache entry: it is complete
 
 
-def build_trainer(spec, model, tokenizer, template, train_rows, eval_rows, peft_config, callbacks):
+def tokenized(spec: dict[str, Any], which: str, template, tokenizer):
+    """The split as the trainer takes it (sft: input_ids + completion_mask; dpo: rendered prompt/chosen/rejected;
+    rm: chosen/rejected ids), from the token cache when an earlier run made it, else made with ``datasets.map``
+    (``num_proc`` workers for large data) and kept there: keyed by the data selection, the tokenizer, the template,
+    max_length and the stage (see ``llfarm.training.data_spec``)."""
+    import os
+    import shutil
+
+    from datasets import Dataset, load_from_disk
+
+    from .train_common import BATCH_FUNCTIONS
+
+    d, stage = spec["data"], spec["stage"]
+    cache = Path(d["token_cache"]) / which
+    if (cache / TOKENIZED).is_file():
+        info = json.loads((cache / TOKENIZED).read_text(encoding="utf-8"))
+        print(f"llfarm: {which} data: {info['rows']} tokenized examples from the token cache {cache}")
+        return load_from_disk(str(cache))
+    tmp = cache.with_name(f".{cache.name}.{os.getpid()}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        raw = Dataset.from_json(d[which], cache_dir=str(tmp / "json"))
+        ds = raw.map(BATCH_FUNCTIONS[stage], batched=True, batch_size=256, remove_columns=raw.column_names,
+                     num_proc=d["num_proc"] if d["num_proc"] > 1 and len(raw) >= 4 * 256 * d["num_proc"] else None,
+                     fn_kwargs={"template": template, "tokenizer": tokenizer, "max_length": d["max_length"]},
+                     desc=f"llfarm: tokenizing {which}")
+        dropped = 0
+        if stage == "sft":
+            kept = ds.filter(any, input_columns="completion_mask", desc=f"llfarm: {which} examples with an answer")
+            dropped = len(ds) - len(kept)
+            if not len(kept):
+                raise SystemExit(f"llfarm: every {which} example's prompt is longer than data.max_length="
+                                 f"{d['max_length']}; raise data.max_length")
+            if dropped:
+                print(f"llfarm: dropped {dropped} {which} examples whose prompt fills data.max_length={d['max_length']}")
+            ds = kept
+        ds.save_to_disk(str(tmp / "data"))
+        (tmp / "data" / TOKENIZED).write_text(json.dumps({"rows": len(ds), "dropped": dropped, "source": d[which]}),
+                                              encoding="utf-8")
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.replace(tmp / "data", cache)
+        except OSError:                     # another run made it first: use theirs
+            pass
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return load_from_disk(str(cache))
+
+
+def build_trainer(spec, model, tokenizer, train, evals, peft_config, callbacks):
     import trl
-    from datasets import Dataset
 
-    from . import train_common as tc
-
-    stage, max_len = spec["stage"], spec["data"]["max_length"]
-    if stage == "sft":
-        train, dropped = tc.tokenize_sft(train_rows, template, tokenizer, max_len)
-        if not train:
-            raise SystemExit(f"llfarm: every training example's prompt is longer than data.max_length={max_len}; "
-                             "raise data.max_length")
-        if dropped:
-            print(f"llfarm: dropped {dropped} examples whose prompt fills data.max_length={max_len}")
-        evals = tc.tokenize_sft(eval_rows, template, tokenizer, max_len)[0] if eval_rows else None
-    elif stage == "dpo":       # prompt rendered up to the answer / chosen / rejected; TRL appends eos
-        train = tc.render_preference(train_rows, template, tokenizer)
-        evals = tc.render_preference(eval_rows, template, tokenizer) if eval_rows else None
-    else:                      # rm: chosen/rejected token ids
-        train = tc.tokenize_pairs(train_rows, template, tokenizer, max_len)
-        evals = tc.tokenize_pairs(eval_rows, template, tokenizer, max_len) if eval_rows else None
     trainer_cls, config_cls = getattr(trl, spec["trainer"]), getattr(trl, spec["config"])
-    extra = {"ref_model": None} if stage == "dpo" else {}   # dpo: the reference is the base (adapter disabled)
-    return trainer_cls(model=model, args=config_cls(**spec["args"]), train_dataset=Dataset.from_list(train),
-                       eval_dataset=Dataset.from_list(evals) if evals else None, processing_class=tokenizer,
-                       peft_config=peft_config, callbacks=callbacks, **extra)
+    extra = {"ref_model": None} if spec["stage"] == "dpo" else {}   # dpo: the reference is the base model
+    return trainer_cls(model=model, args=config_cls(**spec["args"]), train_dataset=train, eval_dataset=evals,
+                       processing_class=tokenizer, peft_config=peft_config, callbacks=callbacks, **extra)
+
+
+def loraplus_optimizer(trainer, ratio: float):
+    """LoRA+ (PEFT's create_loraplus_optimizer): the adapters' B matrices learn ``ratio`` times faster than A, with
+    the optimizer class and arguments training.optimizer names. The trainer builds its scheduler around it."""
+    from peft.optimizers import create_loraplus_optimizer
+    from transformers import Trainer
+
+    cls, kwargs = Trainer.get_optimizer_cls_and_kwargs(trainer.args, trainer.model)
+    kwargs = {k: v for k, v in kwargs.items() if k != "lr"}
+    return create_loraplus_optimizer(model=trainer.model, optimizer_cls=cls, lr=trainer.args.learning_rate,
+                                     loraplus_lr_ratio=ratio, weight_decay=trainer.args.weight_decay, **kwargs)
 
 
 # ---------------------------------------------------------------- outputs
@@ -145,20 +188,21 @@ def save(spec, trainer, tokenizer) -> None:
     tokenizer.save_pretrained(spec["outputs"]["dir"])
 
 
-def rm_accuracy(model, tokenizer, template, rows, max_length) -> float:
-    """The share of training pairs whose chosen answer the reward model scores above the rejected one."""
+def rm_accuracy(model, pairs, limit: int = 1000) -> tuple[float, int]:
+    """The share of training pairs (at most ``limit``) whose chosen answer the reward model scores above the
+    rejected one, and how many pairs that is."""
     import torch
 
-    from .train_common import tokenize_pairs
     model.eval()
     device = next(model.parameters()).device
+    n = min(len(pairs), limit)
     right = 0
     with torch.no_grad():
-        for pair in tokenize_pairs(rows, template, tokenizer, max_length):
+        for pair in pairs.select(range(n)):
             scores = [model(input_ids=torch.tensor([pair[k]], device=device)).logits[0, 0].item()
                       for k in ("chosen_input_ids", "rejected_input_ids")]
             right += scores[0] > scores[1]
-    return round(right / max(len(rows), 1), 4)
+    return round(right / max(n, 1), 4), n
 
 
 def main(argv: list[str]) -> int:

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,8 @@ import pytest
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# One data/token cache for the whole session, away from the user's ~/.cache/llfarm.
+os.environ.setdefault("LLFARM_CACHE", tempfile.mkdtemp(prefix="llfarm-test-cache-"))
 
 LLFARM = str(Path(sys.executable).parent / "llfarm")
 REPO = Path(__file__).resolve().parent.parent

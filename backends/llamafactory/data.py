@@ -6,7 +6,10 @@ max_samples and data.system happen once, in the core).
 - preference rows are rewritten as ``{"messages": prompt, "chosen": {role, content}, "rejected": {role, content}}``
   (``data/llamafactory_<split>.jsonl``) with ``ranking: true``.
 
-LlamaFactory silently drops conversations whose turns do not alternate; :func:`check_turns` refuses them up front.
+LlamaFactory silently drops conversations whose turns do not alternate; :func:`check_turns` refuses them up front
+(the core notes the first such conversation while it reads the data). Files in LlamaFactory's own form are written
+once per data selection into the cache (``<cache>/llamafactory/``), never once per run, and LlamaFactory's tokenized
+dataset is kept there too (``tokenized_path``, keyed by everything that decides the tokens).
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from llfarm.data import cache_root
 from llfarm.errors import DataError
 from llfarm.rundir import atomic_write_text
 
@@ -24,28 +28,16 @@ OPENAI_TAGS = {"role_tag": "role", "content_tag": "content", "user_tag": "user",
                "system_tag": "system"}
 
 
-def turn_problem(messages: list[dict[str, str]], last: str) -> str | None:
-    """Why LlamaFactory's ShareGPT reader would skip this conversation (it drops such rows with a warning)."""
-    body = messages[1:] if messages and messages[0]["role"] == "system" else messages
-    for i, msg in enumerate(body):
-        want = "user" if i % 2 == 0 else "assistant"
-        if msg["role"] != want:
-            return (f"message {i + 1 + (len(messages) - len(body))} is '{msg['role']}' where LlamaFactory needs "
-                    f"'{want}' (turns must alternate user/assistant after one optional leading system message)")
-    if not body or body[-1]["role"] != last:
-        return f"the conversation must end with a '{last}' message"
-    return None
-
-
 def check_turns(data) -> None:
     """Every conversation LlamaFactory would drop, refused before anything is written."""
-    for split, rows in (("train", data.train_rows), ("eval", data.eval_rows)):
-        for n, row in enumerate(rows, 1):
-            problem = (turn_problem(row["prompt"], "user") if data.kind == "preference"
-                       else turn_problem(row["messages"], "assistant"))
-            if problem:
-                raise DataError(problem, where=f"data.{split} (normalized example {n})",
-                                hint="merge consecutive messages of one role, or use --backend pytorch")
+    if data.turn_problem:
+        where, problem = data.turn_problem
+        raise DataError(problem, where=where, hint="LlamaFactory drops such conversations: merge consecutive messages of one role, or use "
+                             "--backend pytorch")
+
+
+def lf_cache() -> Path:
+    return cache_root() / "llamafactory"
 
 
 def write_datasets(data, native: Path) -> Path:
@@ -54,10 +46,11 @@ def write_datasets(data, native: Path) -> Path:
     for name, path in ((TRAIN_DATASET, data.train_path), (EVAL_DATASET, data.eval_path)):
         if path is None:
             continue
-        path = Path(path).resolve()
+        path = Path(path)
         if data.kind == "preference":
-            out = path.with_name(f"llamafactory_{path.stem}.jsonl")
-            ranking_form(path, out)
+            out = lf_cache() / f"sel-{data.key[:40]}" / f"{name}.jsonl"
+            if not out.is_file():
+                ranking_form(path, out)
             info[name] = {"file_name": str(out), "formatting": "sharegpt", "ranking": True,
                           "columns": {"messages": "messages", "chosen": "chosen", "rejected": "rejected"},
                           "tags": dict(OPENAI_TAGS)}
@@ -70,13 +63,15 @@ def write_datasets(data, native: Path) -> Path:
 
 
 def ranking_form(src: Path, out: Path) -> None:
-    lines = []
-    with open(src, encoding="utf-8") as fh:
+    """Normalized preference rows → LlamaFactory's ShareGPT ranking rows, streamed into ``out`` (atomically)."""
+    import os
+
+    import orjson
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+    with open(src, "rb") as fh, open(tmp, "wb") as dst:
         for line in fh:
-            if line.strip():
-                r = json.loads(line)
-                lines.append(json.dumps({"messages": r["prompt"],
-                                         "chosen": {"role": "assistant", "content": r["chosen"]},
-                                         "rejected": {"role": "assistant", "content": r["rejected"]}},
-                                        ensure_ascii=False) + "\n")
-    atomic_write_text(out, "".join(lines), redact=False)   # training data is copied as is
+            r = orjson.loads(line)
+            dst.write(orjson.dumps({"messages": r["prompt"], "chosen": {"role": "assistant", "content": r["chosen"]},
+                                    "rejected": {"role": "assistant", "content": r["rejected"]}}) + b"\n")
+    os.replace(tmp, out)

@@ -67,15 +67,10 @@ def llfarm_render(template, messages: list[dict[str, str]]) -> tuple[str, str] |
 
 
 def conversation_cases(data) -> list[str]:
-    """Which sample conversations matter for this data: single always, system and multi-turn when present."""
-    cases = {"single"}
-    for row in data.train_rows + data.eval_rows:
-        msgs = row["messages"] if "messages" in row else [*row["prompt"], {"role": "assistant", "content": ""}]
-        if msgs[0]["role"] == "system":
-            cases.add("system")
-        if sum(m["role"] == "user" for m in msgs) > 1:
-            cases.add("multi-turn")
-    return [c for c in SAMPLES if c in cases]
+    """Which sample conversations matter for this data: single always, system and multi-turn when the data has
+    them (counted when the data was read)."""
+    shapes = data.shapes
+    return ["single", *(case for case in ("system", "multi-turn") if shapes.get(case))]
 
 
 def lf_template_for(template, cases: list[str]) -> str:
