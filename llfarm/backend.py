@@ -76,10 +76,13 @@ class NativePlan:
     files: list[Path]               # native files written (`plan` prints them)
     total_steps: int | None = None
     trainer: str = ""               # what receives the trainer arguments, e.g. trl.SFTTrainer(args=...)
+    # Passed to the child and never written anywhere (secret-named backend options): shown as KEY=*** in command.txt.
+    secret_env: dict[str, str] = field(default_factory=dict)
 
     def command_line(self) -> str:
         import shlex
-        env = " ".join(f"{k}={shlex.quote(v)}" for k, v in sorted(self.env.items()))
+        shown = {**self.env, **{k: "***" for k in self.secret_env}}
+        env = " ".join(f"{k}={shlex.quote(v)}" for k, v in sorted(shown.items()))
         cmd = " ".join(shlex.quote(a) for a in self.argv)
         return f"cd {shlex.quote(str(self.cwd))} && {env + ' ' if env else ''}{cmd}"
 

@@ -27,7 +27,9 @@ class LlfarmGroup(click.Group):
         try:
             return super().invoke(ctx)
         except LlfarmError as exc:
-            click.echo(f"llfarm: error: {exc.render()}", err=True)
+            # an error never prints a secret it quotes (a --set value...)
+            from .redact import redact_text
+            click.echo(f"llfarm: error: {redact_text(exc.render())}", err=True)
             sys.exit(exc.exit_code)
         except BrokenPipeError:
             raise  # the reader went away (`llfarm plan x | head -1`): click ends quietly
@@ -37,12 +39,20 @@ class LlfarmGroup(click.Group):
             sys.exit(2)
         except OSError as exc:  # an unwritable --output, a folder given for a file, a full disk...
             where = f"{exc.filename}: " if exc.filename else ""
-            click.echo(f"llfarm: error: {where}{exc.strerror or exc} — hint: check the path and its permissions",
-                       err=True)
+            click.echo(f"llfarm: error: {where}{exc.strerror or exc} — hint: {_os_hint(exc)}", err=True)
             sys.exit(2)
         except KeyboardInterrupt as exc:
             click.echo("llfarm: interrupted", err=True)
             sys.exit(128 + getattr(exc, "signum", signal.SIGINT))
+
+
+def _os_hint(exc: OSError) -> str:
+    import errno
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return "free space on that disk (or pass --output on another one)"
+    if exc.errno == errno.EROFS:
+        return "that filesystem is read-only; pass --output somewhere writable"
+    return "check the path and its permissions"
 
 
 class Terminated(KeyboardInterrupt):
@@ -98,8 +108,9 @@ def strategies_list() -> None:
 def strategies_show(name: str, resolved: bool) -> None:
     """Print a shipped strategy (or any strategy file)."""
     from .strategy import find_strategy, resolve
+    from .yamlload import read_text
     if not resolved:
-        click.echo(find_strategy(name).read_text(encoding="utf-8"), nl=False)
+        click.echo(read_text(find_strategy(name)), nl=False)
         return
     _print_sources(resolve(name))
 
@@ -224,22 +235,24 @@ def run(strategy: str, backend: str | None, overrides: tuple[str, ...], output: 
     res = resolve(strategy, overrides)
     prep = prepare_run(res, backend)
     ctx, native = create_run(prep, output, run_id)
-    click.echo(f"run: {ctx.run} (backend {prep.backend.name}, stage {res.strategy.stage}, "
-               f"{native.total_steps} steps)", err=True)
-    _execute_and_finish(ctx, native, prep.backend, verbose)
+    with ctx.run.lock("run") as lock:
+        click.echo(f"run: {ctx.run} (backend {prep.backend.name}, stage {res.strategy.stage}, "
+                   f"{native.total_steps} steps)", err=True)
+        _execute_and_finish(ctx, native, prep.backend, verbose, lock)
 
 
-def _execute_and_finish(ctx, native, backend, verbose: bool) -> None:
+def _execute_and_finish(ctx, native, backend, verbose: bool, lock) -> None:
     from .errors import TrainingFailed
-    from .runner import execute, finish, mark_interrupted, tail
+    from .runner import execute, failure_hint, finish, mark_interrupted, tail
     run = ctx.run
-    code = execute(ctx, native, verbose=verbose)
+    code = execute(ctx, native, verbose=verbose, lock=lock)
     if run.read_manifest().get("status") == "interrupted":
         _interrupted(run, code)
     if code != 0:
-        click.echo(tail(run.logs / "train.log"), err=True)
+        log_tail = tail(run.logs / "train.log")
+        click.echo(log_tail, err=True)
         raise TrainingFailed(f"the {backend.name} process exited with code {code}", where=str(run),
-                             hint=f"full log: {run.show(run.logs / 'train.log')}")
+                             hint=failure_hint(run, log_tail))
     try:
         result = finish(ctx, backend)
     except KeyboardInterrupt as exc:      # training is done and checkpointed; collecting it was cut short
@@ -266,11 +279,17 @@ def _interrupted(run, code: int) -> None:
 @click.option("--max-steps", type=int, help="Train until this many total steps (default: the strategy's).")
 @click.option("--verbose", "-v", is_flag=True, help="Stream the backend's own output.")
 def resume(run_dir: Path, max_steps: int | None, verbose: bool) -> None:
-    """Continue an interrupted or finished run from its latest checkpoint, in the same run directory."""
+    """Continue an interrupted or finished run from its newest complete checkpoint, in the same run directory."""
     from .resume import resume_run
-    ctx, native, backend = resume_run(run_dir, max_steps)
-    click.echo(f"resuming {ctx.run} from {ctx.resume_from.name}", err=True)
-    _execute_and_finish(ctx, native, backend, verbose)
+    from .rundir import RunDir
+    run = RunDir(run_dir)
+    run.read_manifest()                                  # not a run directory → one line, before any lock file
+    with run.lock("resume") as lock:                     # refused while another live process works on the run
+        resumed = resume_run(run, max_steps)
+        click.echo(f"resuming {run} from {resumed.ctx.resume_from.name}", err=True)
+        for note in resumed.notes:
+            click.echo(f"note: {note}", err=True)
+        _execute_and_finish(resumed.ctx, resumed.native, resumed.backend, verbose, lock)
 
 
 # ---------------------------------------------------------------- using a run
@@ -304,7 +323,10 @@ def generate(run_dir: Path, prompt: tuple[str, ...], max_new_tokens: int, temper
 def export(run_dir: Path, formats: tuple[str, ...], quant: str, out: Path | None, name: str | None) -> None:
     """Export a run: merged HF model, GGUF (f32/f16/q8_0), and an Ollama Modelfile."""
     from .rundir import RunDir
-    _do_export(RunDir(run_dir), list(formats), quant, out, name)
+    run = RunDir(run_dir)
+    run.read_manifest()                                  # not a run directory → one line, before any lock file
+    with run.lock("export"):                             # not while a run or resume writes the model
+        _do_export(run, list(formats), quant, out, name)
 
 
 def _do_export(run, formats: list[str], quant: str, out: Path | None, name: str | None) -> None:
@@ -315,6 +337,12 @@ def _do_export(run, formats: list[str], quant: str, out: Path | None, name: str 
     from .compat import quiet_libraries
     from .export import export_name, export_run, ollama_create_command
     quiet_libraries()
+    from .errors import ExportError
+    from .redact import find_secret
+    secret = find_secret(name)
+    if secret:
+        raise ExportError(f"the name holds {secret}; it would name the exported files", where="--name",
+                          hint="choose another name")
     out_abs = Path(os.path.abspath(out)) if out else None
     paths = export_run(run, formats, quant=quant, out=out_abs, name=name)
 
@@ -498,9 +526,44 @@ def data_convert(file: str, target: str, fmt: str, output: Path | None, force: b
     click.echo(f"{out}: {convert_file(reader, target, fmt, {}, out)} records")
 
 
+class PipeSafe:
+    """stdout/stderr that go quiet when their reader goes away (`llfarm run ... 2>&1 | head -1`): the rest of the
+    output goes to /dev/null and the command carries on — a training run is not killed, nor left marked running,
+    because nobody reads its progress bar any more."""
+
+    def __init__(self, stream) -> None:
+        self._stream = stream
+
+    def write(self, text):
+        try:
+            return self._stream.write(text)
+        except BrokenPipeError:
+            self._silence()
+            return len(text)
+
+    def flush(self) -> None:
+        try:
+            self._stream.flush()
+        except BrokenPipeError:
+            self._silence()
+            self._stream.flush()
+
+    def _silence(self) -> None:
+        import os
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        try:
+            os.dup2(devnull, self._stream.fileno())   # pending and later output (and the exit-time flush) go nowhere
+        finally:
+            os.close(devnull)
+
+    def __getattr__(self, name):
+        return getattr(self._stream, name)
+
+
 def main() -> None:
     for sig in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, _terminate)
+    sys.stdout, sys.stderr = PipeSafe(sys.stdout), PipeSafe(sys.stderr)
     cli(prog_name="llfarm")
 
 

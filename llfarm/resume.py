@@ -1,30 +1,72 @@
-"""Resume a run in place from its latest checkpoint, with the backend and strategy it was started with."""
+"""Resume a run in place from its newest complete checkpoint, with the backend and strategy it was started with.
+
+The caller holds the run's lock (``RunDir.lock``) before calling :func:`resume_run`: nothing in the run directory is
+touched while another live process works on it. Incomplete checkpoints newer than the one chosen (a save cut short
+by a kill or a full disk; see llfarm.checkpoints) are removed — training writes them again — and reported.
+"""
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from .errors import RunError
 from .rundir import RunDir, checkpoint_step
 
 
-def resume_run(run_dir: Path, max_steps: int | None = None):
+@dataclass
+class Resumed:
+    ctx: Any                                  # CompileContext
+    native: Any                               # NativePlan
+    backend: Any                              # Backend
+    notes: list[str] = field(default_factory=list)   # what the user should know (one line each)
+
+
+def resume_run(run: RunDir | Path, max_steps: int | None = None) -> Resumed:
+    import shutil
+
+    from .redact import MASK, is_secret_name
     from .runner import compile_into, prepare_run
     from .strategy import resolve
 
-    run = RunDir(Path(run_dir))
+    run = run if isinstance(run, RunDir) else RunDir(Path(run))
     manifest = run.read_manifest()
-    ckpt = run.latest_checkpoint()
+    if max_steps is not None and max_steps < 1:
+        raise RunError(f"--max-steps must be at least 1, received {max_steps}",
+                       hint="give the total number of steps to train to, e.g. --max-steps 100")
+    choice = run.resumable_checkpoint()
+    ckpt = choice.checkpoint
     if ckpt is None:
-        raise RunError("no checkpoint to resume from", where=str(run.checkpoints),
+        passed = f" ({choice.describe().split('(', 1)[1]}" if choice.skipped else ""
+        raise RunError(f"no complete checkpoint to resume from{passed}", where=run.show(run.checkpoints),
                        hint="checkpoints are written every training.save_every steps; start a new run instead")
+    step = checkpoint_step(ckpt)
+    if max_steps is not None and max_steps <= step:
+        raise RunError(f"--max-steps {max_steps} is not beyond {ckpt.name} (step {step})",
+                       hint=f"give a total step count above {step}")
+    notes = []
+    # The caller holds the lock, so a manifest that says running belongs to a process that died (kill -9, a crash).
+    crashed = manifest.get("status") in ("running", "crashed")
     overrides = [f"training.max_steps={max_steps}"] if max_steps else []
-    prep = prepare_run(resolve(run.strategy_path, overrides), manifest["backend"])
+    res = resolve(run.strategy_path, overrides)
+    for bname, options in res.strategy.backend_options.items():   # secrets were never written: not in strategy.yaml
+        for key in [k for k, v in options.items() if is_secret_name(k) and v == MASK]:
+            del options[key]
+            notes.append(f"backend_options.{bname}.{key} was not saved with the run (a secret); set it through "
+                         "the environment (HF_TOKEN, ...) if the resumed run needs it")
+    prep = prepare_run(res, manifest["backend"])
     prep.backend.check_resume(prep.resolved.strategy)
-    drop_metrics_after(run, checkpoint_step(ckpt))
+    for partial, why in choice.skipped:
+        shutil.rmtree(partial, ignore_errors=True)
+        notes.append(f"removed {partial.name}: {why}")
+    if crashed:
+        run.update_manifest(status="crashed")
+        notes.append("the llfarm process that ran it had died without finishing (status: crashed)")
+    drop_metrics_after(run, step)
     ctx, native = compile_into(prep, run, resume_from=ckpt)
     run.update_manifest(resumed_from=str(ckpt.relative_to(run.root)), total_steps=native.total_steps)
-    return ctx, native, prep.backend
+    return Resumed(ctx, native, prep.backend, notes)
 
 
 def drop_metrics_after(run: RunDir, step: int) -> None:

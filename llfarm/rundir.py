@@ -4,9 +4,10 @@
       manifest.json   status, backend, stage, versions, hashes, timings, final metrics, paths (atomic writes)
       strategy.yaml   the resolved strategy (secrets redacted)
       native/         what the backend was given, plus command.txt
+      run.lock        while a process works on the run: pid, host, heartbeat (llfarm.runlock)
       logs/           backend stdout/stderr
       metrics.jsonl   one line per logging step
-      checkpoints/    resumable checkpoints
+      checkpoints/    checkpoint-N/, each with llfarm-complete.json once fully saved (llfarm.checkpoints)
       adapter/ | model/   the final PEFT adapter or full model (+ tokenizer)
       loss.png        the loss curve
       exports/        merged/, *.gguf, Modelfile
@@ -16,15 +17,23 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .checkpoints import Choice, checkpoint_step, checkpoints_in, choose
 from .errors import RunError
+from .runlock import LOCK_NAME, RunLock, derived_status, liveness, read_info
 
-STATUSES = ("created", "running", "completed", "failed", "interrupted")
+# Written to the manifest as a run moves. "crashed" is derived (RunDir.status): the manifest says running while no
+# live process holds the run's lock; resume records it when it takes such a run over.
+STATUSES = ("created", "running", "completed", "failed", "interrupted", "crashed")
+
+__all__ = ["STATUSES", "RunDir", "atomic_write_text", "checkpoint_step", "name_problem", "now_iso", "read_json",
+           "run_dir_in"]
 
 
 @dataclass(frozen=True)
@@ -121,26 +130,63 @@ class RunDir:
         return rows
 
     def latest_checkpoint(self) -> Path | None:
-        ckpts = [p for p in self.checkpoints.glob("checkpoint-*") if p.is_dir() and p.name.split("-")[-1].isdigit()]
-        return max(ckpts, key=checkpoint_step) if ckpts else None
+        """The newest ``checkpoint-N`` folder, complete or not (see resumable_checkpoint)."""
+        found = checkpoints_in(self.checkpoints)
+        return found[0] if found else None
+
+    def resumable_checkpoint(self) -> Choice:
+        """The newest complete checkpoint and the newer ones passed over (llfarm.checkpoints)."""
+        return choose(self.checkpoints)
+
+    # ---- who holds it (llfarm.runlock) ------------------------------------------------------------
+    @property
+    def lock_path(self) -> Path: return self.root / LOCK_NAME
+
+    def lock(self, command: str = "") -> RunLock:
+        """``with run.lock("resume") as lock:`` — exclusive, heartbeating; RunLocked if a live process has it."""
+        return RunLock(self.root, command, self.shown)
+
+    def liveness(self) -> str:
+        """'running' | 'stale' | 'none' (see llfarm.runlock)."""
+        return liveness(self.root)
+
+    def lock_info(self) -> dict[str, Any]:
+        return read_info(self.root)
+
+    def status(self) -> str | None:
+        """The manifest's status, or 'crashed' when it says running but no live process holds the run."""
+        try:
+            recorded = self.read_manifest().get("status")
+        except RunError:
+            return None
+        return derived_status(recorded, self.liveness())
 
 
-def checkpoint_step(path: Path) -> int:
-    """The optimizer step a ``checkpoint-N`` directory holds."""
-    return int(path.name.split("-")[-1])
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+def atomic_write_text(path: Path, text: str, *, redact: bool = True) -> None:
+    """Write ``text`` to ``path`` through a temporary file and a rename: a reader sees the old or the new file, never
+    half of one. Secrets are masked first (llfarm.redact; ``redact=False`` only for the user's training data, which
+    is copied as is). An OS error always names the file (a full disk reports none by itself)."""
+    if redact:
+        from .redact import redact_text
+        text = redact_text(text)
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
             fh.write(text)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
+    except OSError as exc:
+        if tmp:
+            Path(tmp).unlink(missing_ok=True)
+        if exc.filename is None:
+            raise OSError(exc.errno, exc.strerror or str(exc), str(path)) from exc
+        raise
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        if tmp:
+            Path(tmp).unlink(missing_ok=True)
         raise
 
 
@@ -159,3 +205,33 @@ def now_iso() -> str:
 
 def new_run_id(name: str) -> str:
     return f"{time.strftime('%Y%m%d-%H%M%S')}-{name}"
+
+
+SAFE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]*")
+SAFE_NAME_RULE = "letters, digits, '-', '_' and '.', not starting with '.' or '-', no '..', at most 100 characters"
+
+
+def name_problem(name: str) -> str | None:
+    """Why ``name`` cannot be a run id or a strategy name (one path component inside --output), or None.
+    One rule for both: no separators, no '..', nothing a shell or another OS reads specially, no secret."""
+    from .redact import find_secret
+    if not isinstance(name, str) or not SAFE_NAME.fullmatch(name) or ".." in name or len(name) > 100:
+        return f"must be {SAFE_NAME_RULE}"
+    secret = find_secret(name)
+    if secret:
+        return f"holds {secret}; it would become a folder name"
+    return None
+
+
+def run_dir_in(output: Path, run_id: str) -> RunDir:
+    """The run directory ``output/run_id``, refused unless it is a direct child of ``output``."""
+    from .redact import redact_text
+    problem = name_problem(run_id)
+    shown = redact_text(run_id if len(run_id) <= 60 else run_id[:57] + "...")
+    if problem:
+        raise RunError(f"run id {shown!r} {problem}", where="--run-id",
+                       hint="for example --run-id my-run-2")
+    run = RunDir(Path(output) / run_id)
+    if run.root.parent != Path(os.path.abspath(Path(output).expanduser())):
+        raise RunError(f"run id {shown!r} leads outside --output", where="--run-id")
+    return run

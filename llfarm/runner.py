@@ -9,7 +9,6 @@
 from __future__ import annotations
 
 import os
-import re
 import shutil
 import signal
 import subprocess
@@ -21,19 +20,21 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from . import __version__
+from . import __version__, lifeline
 from .backend import Backend, CompileContext, NativePlan, RunResult, choose_backend, plan_platform, planning, registry
 from .data import PreparedData, prepare
-from .errors import DataError, LlfarmError, RunError
-from .models import resolve_model
+from .errors import DataError, ExportError, LlfarmError, RunError
+from .models import check_model, resolve_model
 from .platform import Platform, detect, resolve_precision
-from .rundir import RunDir, atomic_write_text, new_run_id, now_iso
+from .redact import redact_text, secret_values
+from .rundir import RunDir, atomic_write_text, new_run_id, now_iso, run_dir_in
+from .runlock import RunLock
 from .strategy import Resolved, dump
-from .templates import load_template
+from .templates import check_renders, load_template
 from .training import total_steps
 
 CORE_LIBRARIES = ("llfarm", "datasets", "gguf")   # + every registered backend's distributions
-SECRET_RE = re.compile(r"hf_[A-Za-z0-9]{20,}")
+RENDER_CHECKED = 16       # examples rendered with the template before anything is written
 
 
 @dataclass
@@ -52,14 +53,18 @@ def prepare_run(resolved: Resolved, backend: str | None = None, *, plan: bool = 
     backend.plan_platform), so a named backend is not refused for hardware this machine lacks. ``write_data``:
     fill the data cache while checking (`validate` reads only)."""
     strategy = resolved.strategy
-    load_template(strategy.template)                  # unknown template → exit 2 now, not mid-run
+    template = load_template(strategy.template)       # unknown template, broken jinja → exit 2 now, not mid-run
     with planning() if plan else nullcontext():
         plat = plan_platform(strategy, detect(), backend) if plan else detect()
         choose_backend(strategy, plat, backend)       # refuse early, before the data is read
     model_path = resolve_model(strategy.model.path)
+    check_model(model_path, strategy.model.path, revision=strategy.model.revision, hub_cache=not plan)
     data = prepare(strategy, write=write_data)
+    bos, eos = special_tokens(model_path, template)
+    check_renders(template, first_rows(data), bos=bos, eos=eos)
     with planning() if plan else nullcontext():       # then what the backend refuses in this data
         chosen = choose_backend(strategy, plat, backend, data)
+    check_export_formats(strategy, template)
     steps = total_steps(strategy, data.n_train)
     if steps < 1:
         raise DataError(f"the strategy trains for zero steps ({data.n_train} examples, epochs "
@@ -67,6 +72,50 @@ def prepare_run(resolved: Resolved, backend: str | None = None, *, plan: bool = 
                         where="training", hint="set training.max_steps or add data")
     return Prepared(resolved, chosen, plat, model_path, data,
                     resolve_precision(strategy.training.precision, plat))
+
+
+def check_export_formats(strategy, template) -> None:
+    """A strategy ``export:`` that the run could not honour after training is refused before it trains."""
+    formats = set(strategy.export.formats)
+    if strategy.stage == "rm" and formats & {"gguf", "ollama"}:
+        raise ExportError("a reward model (stage rm) is not a causal LM, so it has no GGUF or Ollama form",
+                          where="export.formats", hint="use export.formats: [merged] for a reward model")
+    if "ollama" in formats and template.ollama is None:
+        raise ExportError(f"template '{template.name}' has no Ollama form, so the Ollama export after training "
+                          "would be refused", where="export.formats",
+                          hint="use a template with one (chatml, llama3, alpaca), or export gguf/merged only")
+    if "ollama" in formats and strategy.data.system and '"""' in strategy.data.system:
+        raise ExportError('data.system contains \'"""\', which a Modelfile SYSTEM cannot quote',
+                          where="data.system", hint="remove the triple quote, or drop ollama from export.formats")
+
+
+def first_rows(data: PreparedData, limit: int = RENDER_CHECKED) -> list[dict[str, Any]]:
+    """The first normalized rows of every train and eval source, from the data cache (read-only `validate` of data
+    no run has cached yet sees none: its template is then only compiled, not rendered)."""
+    import json
+    rows: list[dict[str, Any]] = []
+    for src in (*data.sources, *data.eval_sources):
+        if src.dir is not None and src.data_path.is_file():
+            with open(src.data_path, "rb") as fh:
+                rows += [json.loads(line) for _, line in zip(range(limit), fh)]
+    return rows
+
+
+def special_tokens(model_path: str, template) -> tuple[str, str]:
+    """(bos, eos) as the training process gives them to the template: the tokenizer's, eos replaced by the template's
+    end-of-turn marker. Read from tokenizer_config.json (no transformers); '' where unknown."""
+    import json
+
+    def text(v):
+        return v.get("content", "") if isinstance(v, dict) else v if isinstance(v, str) else ""
+
+    cfg = Path(model_path) / "tokenizer_config.json"
+    try:
+        data = json.loads(cfg.read_text(encoding="utf-8")) if cfg.is_file() else {}
+    except (OSError, ValueError):
+        data = {}
+    data = data if isinstance(data, dict) else {}
+    return text(data.get("bos_token")), template.eos or text(data.get("eos_token"))
 
 
 def library_versions() -> dict[str, str | None]:
@@ -85,7 +134,7 @@ def library_versions() -> dict[str, str | None]:
 def create_run(prep: Prepared, output: Path, run_id: str | None = None) -> tuple[CompileContext, NativePlan]:
     """Make the run directory and compile into it; on any error, leave nothing behind."""
     s = prep.resolved.strategy
-    run = RunDir(output / (run_id or new_run_id(s.name)))
+    run = run_dir_in(output, run_id if run_id is not None else new_run_id(s.name))
     if run.root.exists():
         raise RunError(f"run directory already exists: {run}", hint="pass another --run-id or --output")
     run.create()
@@ -111,7 +160,7 @@ def compile_into(prep: Prepared, run: RunDir, resume_from: Path | None = None) -
 
 
 def write_command(run: RunDir, plan: NativePlan) -> None:
-    atomic_write_text(run.native / "command.txt", redact_text(plan.command_line()) + "\n")
+    atomic_write_text(run.native / "command.txt", plan.command_line() + "\n")
 
 
 def initial_manifest(prep: Prepared, run: RunDir, plan: NativePlan) -> dict[str, Any]:
@@ -137,35 +186,29 @@ def _sha256_text(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def redact_text(text: str) -> str:
-    text = SECRET_RE.sub("***", text)
-    for var in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "WANDB_API_KEY"):
-        val = os.environ.get(var)
-        if val and len(val) > 4:
-            text = text.replace(val, "***")
-    return text
-
-
 # ---------------------------------------------------------------- execution
 
 def child_env(plan: NativePlan, extra: dict[str, str] | None = None) -> dict[str, str]:
     env = dict(os.environ)
     env.update(extra or {})
     env.update(plan.env)
+    env.update(plan.secret_env)
     env.setdefault("PYTHONUNBUFFERED", "1")
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
     env.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+    env.update(lifeline.parent_env())        # the child dies with this process (llfarm.lifeline)
     return env
 
 
-def execute(ctx: CompileContext, plan: NativePlan, *, verbose: bool = False) -> int:
-    """Run the backend process; returns its exit code. Ctrl-C is forwarded; the status says what happened."""
+def execute(ctx: CompileContext, plan: NativePlan, *, verbose: bool = False, lock: RunLock | None = None) -> int:
+    """Run the backend process; returns its exit code. Ctrl-C is forwarded; the status says what happened.
+    ``lock`` (the run's, held by the caller) records the child's pid for observers."""
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     run = ctx.run
     started = time.time()
-    run.update_manifest(status="running", started_at=now_iso())
+    run.update_manifest(status="running", started_at=now_iso(), exit_code=None, ended_at=None)
     log_path = run.logs / "train.log"
     console = Console(stderr=True)
     with open(log_path, "a", encoding="utf-8") as log:
@@ -175,11 +218,15 @@ def execute(ctx: CompileContext, plan: NativePlan, *, verbose: bool = False) -> 
         proc = subprocess.Popen(plan.argv, cwd=plan.cwd, env=child_env(plan, tracking_env(ctx.strategy, run)),
                                 stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, text=True, bufsize=1, start_new_session=True)
+        if lock is not None:
+            lock.update(child_pid=proc.pid)
+
+        secrets = secret_values()
 
         def pump() -> None:
             assert proc.stdout is not None
             for line in proc.stdout:
-                line = redact_text(line)
+                line = redact_text(line, secrets)
                 log.write(line)
                 log.flush()
                 if verbose:
@@ -206,6 +253,7 @@ def execute(ctx: CompileContext, plan: NativePlan, *, verbose: bool = False) -> 
                     code = _stop(proc, interrupted)
                     break
             _update_progress(progress, task, run)
+        _signal(proc, signal.SIGKILL)      # whatever the backend left running in its group (one process tree)
         reader.join(timeout=5)
     elapsed = round(time.time() - started, 2)
     timings = dict(run.read_manifest().get("timings", {}), train_s=elapsed)
@@ -215,7 +263,7 @@ def execute(ctx: CompileContext, plan: NativePlan, *, verbose: bool = False) -> 
     if code != 0:
         run.update_manifest(status="failed", exit_code=code, timings=timings, ended_at=now_iso())
     else:
-        run.update_manifest(timings=timings)
+        run.update_manifest(exit_code=0, timings=timings)
     return code
 
 
@@ -255,6 +303,15 @@ def _update_progress(progress, task, run: RunDir) -> None:
     losses = [r for r in rows if "loss" in r]
     info = f"loss {losses[-1]['loss']:.4f}" if losses else ""
     progress.update(task, completed=last.get("step", 0), total=last.get("total_steps") or None, info=info)
+
+
+def failure_hint(run: RunDir, log_tail: str) -> str:
+    """The hint under a failed training process: what the log says, when it is something the user can fix."""
+    full_log = f"full log: {run.show(run.logs / 'train.log')}"
+    if "llfarm: writing checkpoint-" in log_tail or "No space left on device" in log_tail:
+        return (f"free space on that disk, then `llfarm resume {run}` continues from the last complete checkpoint; "
+                f"{full_log}")
+    return full_log
 
 
 def tail(path: Path, n: int = 15) -> str:

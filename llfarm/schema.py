@@ -87,6 +87,11 @@ class DataSpec(Section):
     max_samples: int | None = Field(None, ge=1, description="Use at most this many training examples.")
     system: str | None = Field(None, description="Default system prompt (also the Ollama SYSTEM).")
 
+    @field_validator("system")
+    @classmethod
+    def _no_secret(cls, v: str | None) -> str | None:
+        return _refuse_secret(v, "the model would be trained on it")
+
     @field_validator("columns")
     @classmethod
     def _columns(cls, v: dict[str, str]) -> dict[str, str]:
@@ -147,6 +152,11 @@ class TrackingSpec(Section):
     project: str | None = Field(None, description="wandb project / mlflow experiment (default: the strategy name).")
     run_name: str | None = Field(None, description="Name of the run in the tracker (default: the run id).")
 
+    @field_validator("project", "run_name")
+    @classmethod
+    def _no_secret(cls, v: str | None) -> str | None:
+        return _refuse_secret(v, "the tracker writes it into its own files")
+
 
 class PreferenceSpec(Section):
     beta: float = Field(0.1, gt=0.0, le=100.0, description="DPO beta (strength of the KL penalty).")
@@ -165,6 +175,11 @@ class ExportSpec(Section):
         default_factory=list, description="What `llfarm run` exports after training.")
     quant: Literal["f32", "f16", "q8_0"] = Field("q8_0", description="GGUF tensor type.")
     name: str | None = Field(None, description="Ollama model name (default: the strategy name).")
+
+    @field_validator("name")
+    @classmethod
+    def _no_secret(cls, v: str | None) -> str | None:
+        return _refuse_secret(v, "it would name the exported files")
 
 
 class Strategy(Section):
@@ -186,6 +201,23 @@ class Strategy(Section):
     backend_options: dict[str, dict[str, Any]] = Field(
         default_factory=dict, description="Raw native keys per backend, checked by that backend.")
 
+    @field_validator("backend_options", mode="before")
+    @classmethod
+    def _empty_options(cls, v: Any) -> Any:
+        """A backend block with nothing under it (YAML null) means no options."""
+        return {k: ({} if o is None else o) for k, o in v.items()} if isinstance(v, dict) else v
+
+    @field_validator("name")
+    @classmethod
+    def _safe_name(cls, v: str) -> str:
+        from .redact import redact_text
+        from .rundir import name_problem
+        problem = name_problem(v)
+        if problem:
+            shown = redact_text(v if len(v) <= 60 else v[:57] + "...")
+            raise ValueError(f"{problem} (it names the run directory), received {shown!r}")
+        return v
+
     @model_validator(mode="after")
     def _combinations(self) -> Strategy:
         if self.training.packing and self.stage != "sft":
@@ -206,6 +238,15 @@ class Strategy(Section):
     @property
     def quantization(self) -> str:
         return "4bit" if self.method.type == "qlora" else self.model.quantization
+
+
+def _refuse_secret(value: str | None, why: str) -> str | None:
+    """A secret where redacting it would change what the user asked for (training text, a name) is refused."""
+    from .redact import find_secret
+    secret = find_secret(value)
+    if secret:
+        raise ValueError(f"holds {secret}; {why}, so llfarm refuses rather than write or redact it")
+    return value
 
 
 def _default_backend() -> str:

@@ -8,6 +8,7 @@ each naming the key path and line. Every resolved value remembers where it came 
 from __future__ import annotations
 
 import copy
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,11 +17,11 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from .errors import StrategyError, did_you_mean, one_of
+from .redact import redact
 from .resources import strategies_dir
 from .schema import Strategy
 
 PATH_KEYS = ("data.train", "data.eval", "distributed.deepspeed", "template", "model.path")
-SECRET_WORDS = ("token", "secret", "password", "api_key", "apikey")
 
 
 @dataclass
@@ -70,19 +71,10 @@ def _line_map(node: yaml.Node, prefix: str = "", out: dict[str, int] | None = No
 
 
 def read_yaml(path: Path) -> tuple[dict[str, Any], dict[str, int]]:
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise StrategyError([f"cannot read: {exc.strerror}"], where=str(path)) from None
-    try:
-        data = yaml.safe_load(text)
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"{path}:{mark.line + 1}" if mark else str(path)
-        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-        raise StrategyError([f"malformed YAML: {problem}"], where=where,
-                            hint="check indentation and quoting on that line") from None
+    """A strategy file's mapping and the line of every key (see llfarm.yamlload: UTF-8, no duplicate keys,
+    bounded aliases)."""
+    from .yamlload import load, read_text
+    data, node = load(read_text(path), str(path))
     if data is None:
         data = {}
     if not isinstance(data, dict):
@@ -119,21 +111,33 @@ def parse_set(item: str) -> tuple[str, Any]:
     if not sep or not key:
         raise StrategyError([f"--set expects key.path=value, received '{item}'"],
                             hint="for example --set training.max_steps=20")
+    from .yamlload import load
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError:
+        value = load(raw, f"--set {key}")[0] if raw.strip() else ""
+    except StrategyError as exc:
+        if "malformed YAML" not in exc.message:
+            raise
         value = raw
     return key, value
 
 
 def set_path(data: dict[str, Any], key: str, value: Any) -> None:
+    """``data[a][b][c] = value`` for key ``a.b.c``; a path through a value that is not a section is the --set's
+    error (not the strategy file's)."""
     parts = key.split(".")
+    if not all(parts):
+        raise StrategyError([f"--set {key}: empty part in the key path"],
+                            hint="for example --set training.max_steps=20")
     cur = data
-    for p in parts[:-1]:
+    for i, p in enumerate(parts[:-1]):
         nxt = cur.get(p)
-        if not isinstance(nxt, dict):
+        if nxt is None:
             nxt = {}
             cur[p] = nxt
+        elif not isinstance(nxt, dict):
+            section = ".".join(parts[:i + 1])
+            raise StrategyError([f"--set {key}: '{section}' is a value ({_short(nxt)}), not a section with keys"],
+                                hint=f"set '{section}' itself, e.g. --set {section}=...")
         cur = nxt
     cur[parts[-1]] = value
 
@@ -231,8 +235,11 @@ def _describe(err: dict[str, Any], root: type[BaseModel], base: tuple[Any, ...] 
     if kind == "literal_error":
         expected = err.get("ctx", {}).get("expected", "")
         value = err.get("input")
-        close = did_you_mean(value, [x.strip(" '") for x in expected.replace(" or ", ",").split(",")]) \
-            if isinstance(value, str) else ""
+        choices = re.findall(r"'([^']*)'", expected)
+        close = did_you_mean(value, choices) if isinstance(value, str) else ""
+        if len(choices) > 8:                 # a long list (optimizers, schedulers): the closest, and how many
+            return f"'{key}' must be one of {len(choices)} values ({', '.join(choices[:4])}, ...), received " \
+                   f"{received}{close}"
         return f"'{key}' must be {expected}, received {received}{close}"
     msg = err["msg"]
     if kind == "value_error":
@@ -341,18 +348,6 @@ def resolve(ref: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Res
             sources[k] = f"--set {item}"
     strategy = validate(data, file=path, sources=sources)
     return Resolved(strategy=strategy, file=path, sources=sources)
-
-
-def redact(obj: Any) -> Any:
-    """A copy with anything that looks like a secret replaced by '***'."""
-    if isinstance(obj, dict):
-        return {k: ("***" if any(w in str(k).lower() for w in SECRET_WORDS) and v else redact(v))
-                for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [redact(v) for v in obj]
-    if isinstance(obj, str) and obj.startswith("hf_") and len(obj) > 20 and " " not in obj:
-        return "***"
-    return obj
 
 
 def dump(resolved: Resolved) -> str:

@@ -12,8 +12,6 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from .errors import StrategyError, did_you_mean, one_of
 from .resources import templates_dir
 
@@ -61,15 +59,73 @@ def load_template(ref: str) -> ChatTemplate:
         else:
             raise StrategyError([f"unknown template '{ref}'{did_you_mean(ref, shipped)}"], where="template",
                                 hint=f"shipped templates: {one_of(shipped)}; or give a template YAML path")
-    try:
-        data: Any = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as exc:
-        raise StrategyError([f"malformed template YAML: {exc}".splitlines()[0]], where=str(path)) from None
+    from .yamlload import load, read_text
+    data: Any = load(read_text(path), str(path))[0]
     if not isinstance(data, dict) or any(k not in data for k in REQUIRED):
         raise StrategyError([f"a template needs the keys {', '.join(REQUIRED)}"], where=str(path),
                             hint="copy one from templates/ (chatml.yaml) and edit it")
-    return ChatTemplate(
+    bad = [k for k in ("name", "jinja", "description", "eos", "ollama") if data.get(k) is not None
+           and not isinstance(data[k], str)]
+    if bad or not isinstance(data.get("ollama_stop") or [], list):
+        raise StrategyError([f"template key '{(bad or ['ollama_stop'])[0]}' must be "
+                             f"{'text' if bad else 'a list of strings'}"], where=str(path),
+                            hint="copy one from templates/ (chatml.yaml) and edit it")
+    template = ChatTemplate(
         name=str(data["name"]), jinja=str(data["jinja"]), description=str(data.get("description", "")),
-        eos=data.get("eos"), ollama=data.get("ollama"), ollama_stop=tuple(data.get("ollama_stop") or ()),
+        eos=data.get("eos"), ollama=data.get("ollama"), ollama_stop=tuple(str(x) for x in data.get("ollama_stop") or ()),
         path=path.resolve(),
     )
+    _check_syntax(template)
+    return template
+
+
+def _check_syntax(template: ChatTemplate) -> None:
+    """A template whose jinja does not compile is refused where it is loaded (plan, validate and run alike)."""
+    from jinja2 import TemplateSyntaxError
+    try:
+        _compile(template.jinja)
+    except TemplateSyntaxError as exc:
+        line = _jinja_line(template, exc.lineno)
+        raise StrategyError([f"template '{template.name}': jinja syntax error: {exc.message}"],
+                            where=f"{template.path}:{line}" if line else str(template.path),
+                            hint="fix the jinja field (it is the Hugging Face chat template)") from None
+
+
+def _jinja_line(template: ChatTemplate, lineno: int | None) -> int | None:
+    """The template file's line of line ``lineno`` of its jinja field (a block scalar starts after 'jinja:')."""
+    if template.path is None or not lineno:
+        return None
+    lines = template.path.read_text(encoding="utf-8", errors="replace").splitlines()
+    start = next((i for i, ln in enumerate(lines) if ln.startswith("jinja:")), None)
+    if start is None:
+        return None
+    first = start + 2 if lines[start].rstrip().endswith(("|", "|-", "|+", ">", ">-")) else start + 1
+    return first + lineno - 1
+
+
+def check_renders(template: ChatTemplate, rows: list[dict[str, Any]], *, bos: str = "", eos: str = "",
+                  what: str = "data.train") -> None:
+    """Render the first examples the way the training process will (llfarm.train_common), so a template that fails
+    on this data — an undefined variable, raise_exception, a prompt that is not a prefix of the conversation — is
+    refused before anything is written. ``rows`` are normalized records (messages, or prompt/chosen/rejected; plain
+    text rows use no template)."""
+    for i, row in enumerate(rows, 1):
+        try:
+            if "messages" in row:
+                messages = row["messages"]
+                full = template.render(messages, bos_token=bos, eos_token=eos)
+                prompt = template.render(messages[:-1], add_generation_prompt=True, bos_token=bos, eos_token=eos)
+                if not full.startswith(prompt):
+                    raise ValueError("the prompt it renders (up to the answer) is not the start of the whole "
+                                     "conversation it renders, so the answer cannot be told from the prompt")
+            elif {"prompt", "chosen", "rejected"} <= set(row):
+                template.render(row["prompt"], add_generation_prompt=True, bos_token=bos, eos_token=eos)
+                for k in ("chosen", "rejected"):
+                    template.render([*row["prompt"], {"role": "assistant", "content": row[k]}], bos_token=bos,
+                                    eos_token=eos)
+        except Exception as exc:  # noqa: BLE001 - jinja raises many kinds; each is the template's problem here
+            msg = " ".join(str(exc).split())[:300] or type(exc).__name__
+            raise StrategyError([f"template '{template.name}' cannot render {what} example {i}: {msg}"],
+                                where=str(template.path or "template"),
+                                hint="fix the template's jinja (try it with `llfarm validate`), or use a shipped "
+                                     "template (chatml, llama3, alpaca)") from None

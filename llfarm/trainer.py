@@ -28,12 +28,17 @@ def read_spec(path: str | Path) -> dict[str, Any]:
 
 
 def run(spec: dict[str, Any], load: Loader | None = None, *, extra_final: dict[str, Any] | None = None) -> int:
+    from . import lifeline
+    lifeline.guard()                    # die with the llfarm process that started us (and take our group along)
+
     from transformers import set_seed
 
+    from .checkpoints import completeness_callback, instrument_saves
     from .compat import ensure_warnings_issued, fix_trl_availability_flags
     from .metrics import trainer_callback
     from .templates import load_template
 
+    instrument_saves()                  # a failed save names its file and disk (+ tests' fault injection)
     fix_trl_availability_flags()        # before any trl trainer module is imported
     set_seed(spec["args"]["seed"])
     template = load_template(spec["template"])
@@ -45,7 +50,7 @@ def run(spec: dict[str, Any], load: Loader | None = None, *, extra_final: dict[s
     train = tokenized(spec, "train", template, tokenizer)
     evals = tokenized(spec, "eval", template, tokenizer) if spec["data"]["eval"] else None
     trainer = build_trainer(spec, model, tokenizer, train, evals, peft_config,
-                            [trainer_callback(spec["outputs"]["metrics"])])
+                            [trainer_callback(spec["outputs"]["metrics"]), completeness_callback()])
     if spec.get("loraplus_lr_ratio"):
         trainer.optimizer = loraplus_optimizer(trainer, spec["loraplus_lr_ratio"])
     result = trainer.train(resume_from_checkpoint=spec["resume_from"])
@@ -200,5 +205,16 @@ def rm_accuracy(model, pairs, limit: int = 1000) -> tuple[float, int]:
     return round(right / max(n, 1), 4), n
 
 
+def main(argv: list[str]) -> int:
+    from .checkpoints import CheckpointSaveError
+    try:
+        return run(read_spec(argv[0]))
+    except CheckpointSaveError as exc:       # the traceback for the log, then the one line that says what happened
+        import traceback
+        traceback.print_exc()
+        print(exc, flush=True)
+        return 1
+
+
 if __name__ == "__main__":
-    sys.exit(run(read_spec(sys.argv[1])))
+    sys.exit(main(sys.argv[1:]))

@@ -34,6 +34,28 @@ def cli():
     return llfarm
 
 
+def one_line_error(proc: subprocess.CompletedProcess, code: int = 2) -> str:
+    """The error line of a refused command: exit ``code``, one line on stderr, no traceback."""
+    err = proc.stderr.strip()
+    assert proc.returncode == code, f"exit {proc.returncode}: {proc.stderr}\n{proc.stdout}"
+    assert "Traceback" not in proc.stderr
+    assert len(err.splitlines()) == 1, f"not one line:\n{err}"
+    assert err.startswith("llfarm: error:")
+    return err
+
+
+def process_gone(pid: int) -> bool:
+    """The process no longer runs (it does not exist, or it is a zombie waiting to be reaped)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[-1].split()[0] == "Z"
+    except OSError:
+        return False
+
+
 def run_dir_from(proc: subprocess.CompletedProcess) -> Path:
     assert proc.returncode == 0, f"llfarm failed ({proc.returncode}):\n{proc.stderr[-4000:]}"
     return Path(proc.stdout.strip().splitlines()[-1])

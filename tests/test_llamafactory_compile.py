@@ -240,6 +240,7 @@ def test_shipped_key_data_matches_installed_llamafactory(oracle):
     regenerate = "regenerate: python -m llfarm.backends.llamafactory.keys --write"
     assert shipped["llamafactory"] == installed["llamafactory"], regenerate
     assert shipped["keys"] == installed["keys"], regenerate
+    assert shipped["types"] == installed["types"], regenerate
     assert shipped["templates"] == installed["templates"], regenerate
 
 

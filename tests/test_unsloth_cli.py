@@ -8,7 +8,7 @@ import py_compile
 from pathlib import Path
 
 import pytest
-from conftest import llfarm, write
+from conftest import llfarm, one_line_error, write
 
 from llfarm.platform import detect
 
@@ -16,15 +16,6 @@ from llfarm.platform import detect
 REALLY_NO_GPU = detect().name == "cpu" and not os.environ.get("LLFARM_PLATFORM")
 NO_GPU = {} if REALLY_NO_GPU else {"LLFARM_PLATFORM": "cpu"}
 GPU = {"LLFARM_PLATFORM": "cuda"}       # only to test the choice logic of `--backend auto` (plan runs nothing)
-
-
-def one_line_error(proc) -> str:
-    err = proc.stderr.strip()
-    assert proc.returncode == 2, f"exit {proc.returncode}: {proc.stderr}\n{proc.stdout}"
-    assert "Traceback" not in proc.stderr
-    assert len(err.splitlines()) == 1, f"not one line:\n{err}"
-    assert err.startswith("llfarm: error:")
-    return err
 
 
 def test_run_without_a_gpu_exits_2_in_one_line_naming_the_alternatives(tmp_path):

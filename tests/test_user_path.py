@@ -208,7 +208,7 @@ def test_validate_checks_backend_options_and_capabilities(tmp_path):
 
 
 def test_validate_takes_the_backend_flag(tmp_path):
-    write(tmp_path / "s.yaml", GOOD + "stage: rm\ndata: {train: 'builtin:preference'}\n")
+    write(tmp_path / "s.yaml", GOOD.replace("builtin:alpaca", "builtin:preference") + "stage: rm\n")
     proc = llfarm("validate", "s.yaml", "--backend", "unsloth", cwd=tmp_path)
     assert proc.returncode == 2 and "reward-model" in proc.stderr
     proc = llfarm("validate", "s.yaml", "--backend", "pytorch", cwd=tmp_path)

@@ -15,12 +15,14 @@ records (trainer_log.jsonl, trainer_state.json, all_results.json, ...) to ``nati
 
 from __future__ import annotations
 
+import json
 import shutil
 import sys
 from typing import Any
 
 from llfarm.backend import Backend, Capabilities, CompileContext, NativePlan, RunResult, launcher_argv, offline_env
 from llfarm.errors import RunError, UnsupportedError
+from llfarm.redact import SECRET_OPTIONS_ENV, split_secret_options
 from llfarm.rundir import atomic_write_text, read_json
 from llfarm.training import DTYPES, total_steps
 
@@ -123,7 +125,8 @@ class LlamaFactoryBackend(Backend):
         steps = total_steps(s, ctx.data.n_train)
         template = lf_template_for(load_template(s.template), conversation_cases(ctx.data))
         datasets = write_datasets(ctx.data, run.native)
-        config = build_config(ctx, steps, template, self.option_values(s))
+        options, secrets = split_secret_options(self.option_values(s))   # secrets travel by environment only
+        config = build_config(ctx, steps, template, options)
         yaml_path = run.native / TRAIN_YAML
         atomic_write_text(yaml_path, render_yaml(config))
         entry = ["-m", "llfarm.backends.llamafactory.entry", str(yaml_path), "--metrics", str(run.metrics_path),
@@ -131,6 +134,7 @@ class LlamaFactoryBackend(Backend):
         return NativePlan(argv=launcher_argv(s, [sys.executable], entry),
                           env={"DISABLE_VERSION_CHECK": "1", **offline_env(ctx)}, cwd=run.root,
                           files=[yaml_path, datasets], total_steps=steps,
+                          secret_env={SECRET_OPTIONS_ENV: json.dumps(secrets)} if secrets else {},
                           trainer=f"llamafactory run_exp(stage {s.stage}) with {TRAIN_YAML}")
 
     # ---- collect ------------------------------------------------------------------------------

@@ -64,11 +64,33 @@ KEEP_NULL = {"resume_from_checkpoint"}   # written even when null: LlamaFactory 
 _OPTIONS: type[BaseModel] | None = None
 
 
+_SIMPLE: dict[str, Any] = {"bool": bool, "int": int, "float": float, "str": str, "null": type(None),
+                           "dict": dict[str, Any], "list": list[Any], "any": Any}
+
+
+def option_type(spec: list[Any]) -> Any:
+    """The pydantic type of a LlamaFactory key from its keys.json ``types`` entry (alternatives; an enum is a
+    Literal of its values). int before float, so 8 stays 8; bool first, so true is not read as 1."""
+    import functools
+    import operator
+    from typing import Literal
+    if "any" in spec:
+        return Any
+    order = ["bool", "int", "float", "str", "dict", "list", "null"]
+    simple = sorted((t for t in spec if isinstance(t, str)), key=order.index)
+    alternatives = [_SIMPLE[t] for t in simple]
+    alternatives += [Literal[tuple(t["enum"])] for t in spec if isinstance(t, dict)]
+    return functools.reduce(operator.or_, alternatives)
+
+
 def options_model() -> type[BaseModel]:
-    """backend_options.llamafactory: any LlamaFactory 0.9.5 config key (keys.json) except those llfarm owns."""
+    """backend_options.llamafactory: any LlamaFactory 0.9.5 config key (keys.json), typed as LlamaFactory declares
+    it, except those llfarm owns."""
     global _OPTIONS
     if _OPTIONS is None:
-        fields: dict[str, Any] = {key: (Any, None) for key in known()["keys"]}
+        types = known().get("types", {})
+        fields: dict[str, Any] = {key: (option_type(types.get(key, ["any"])) | None, None)
+                                  for key in known()["keys"]}
         fields.update(refusing(OWNED))
         _OPTIONS = create_model("LlamaFactoryOptions", __config__=ConfigDict(extra="forbid"), **fields)
         _OPTIONS.HINT = (f"keys are LlamaFactory {known()['llamafactory']}'s config keys "

@@ -13,7 +13,10 @@ no torchrun on one device) plus what a run directory needs:
 - for rm, the accuracy on the training pairs after training (value head at the last token, as LlamaFactory
   scores) goes to ``--final`` as train_pair_accuracy;
 - the final adapter/model and every checkpoint get the tokenizer with the llfarm template's chat_template
-  and end-of-turn eos, as the pytorch backend saves them.
+  and end-of-turn eos, as the pytorch backend saves them;
+- every checkpoint is marked complete once fully written (``llfarm.checkpoints``), the process dies with the
+  llfarm process that started it (``llfarm.lifeline``), and secret-named options arrive through the environment
+  (``LLFARM_SECRET_OPTIONS``), never through the config file.
 """
 
 from __future__ import annotations
@@ -27,6 +30,8 @@ import traceback
 from pathlib import Path
 from typing import Any
 
+from llfarm.redact import SECRET_OPTIONS_ENV
+
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m llfarm.backends.llamafactory.entry")
@@ -35,10 +40,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--final", required=True, help="JSON file for metrics computed after training")
     ap.add_argument("--template", required=True, help="llfarm template name or YAML path")
     opts = ap.parse_args(argv)
+    from llfarm import lifeline
+    lifeline.guard()                    # die with the llfarm process that started us (and take our group along)
     os.environ.setdefault("DISABLE_VERSION_CHECK", "1")
 
-    import yaml
-    args: dict[str, Any] = yaml.safe_load(Path(opts.config).read_text(encoding="utf-8"))
+    args = read_config(opts.config)
+    os.environ.pop(SECRET_OPTIONS_ENV, None)    # LlamaFactory's own subprocesses need not see it
 
     from llamafactory.hparams import get_train_args
     try:
@@ -48,8 +55,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"llfarm: LlamaFactory rejected {opts.config}: {msg}", flush=True)
         return 2
 
+    from llfarm.checkpoints import completeness_callback, instrument_saves
     from llfarm.metrics import trainer_callback
     from llfarm.templates import load_template
+
+    instrument_saves()                  # a failed save names its file and disk (+ tests' fault injection)
 
     template = load_template(opts.template)
     stage = finetuning_args.stage
@@ -63,6 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     if rm_stats is not None:
         callbacks.insert(0, RMLogs(rm_stats))
         callbacks.append(RMTrainAccuracy(rm_stats))
+    callbacks.append(completeness_callback())   # last: after the tokenizer is written into each checkpoint
 
     from llamafactory.train.tuner import run_exp
     try:
@@ -70,7 +81,8 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:  # noqa: BLE001 - the traceback goes to the log, one line ends it
         traceback.print_exc()
         msg = " ".join(str(exc).split())[:500]
-        print(f"llfarm: LlamaFactory failed: {type(exc).__name__}: {msg}", flush=True)
+        print(msg if msg.startswith("llfarm: ") else f"llfarm: LlamaFactory failed: {type(exc).__name__}: {msg}",
+              flush=True)
         return 1
 
     if training_args.should_save:
@@ -80,6 +92,15 @@ def main(argv: list[str] | None = None) -> int:
             final["train_pair_accuracy"] = rm_stats.train_pair_accuracy
         Path(opts.final).write_text(json.dumps(final, indent=2) + "\n", encoding="utf-8")
     return 0
+
+
+def read_config(path: str) -> dict[str, Any]:
+    """The LlamaFactory config: the YAML file, plus the secret-named options (hf_hub_token, ...) that llfarm passes
+    through the environment and never writes into the file."""
+    import yaml
+    args: dict[str, Any] = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    args.update(json.loads(os.environ.get(SECRET_OPTIONS_ENV, "") or "{}"))
+    return args
 
 
 # ---------------------------------------------------------------- callbacks

@@ -1,5 +1,8 @@
 """What LlamaFactory 0.9.5 accepts, as data: ``keys.json`` beside this file holds every config key its parser
-(``get_train_args``) takes and, for every registered chat template, what it renders (see ``parity.lf_render``).
+(``get_train_args``) takes, the type of each (``types``: the alternatives among bool, int, float, str, null, dict,
+list, any, or {"enum": [values]}; read from the dataclass field annotations, an ``Enum | str`` field taking only the
+enum's values as LlamaFactory's TrainingArguments do), and, for every registered chat template, what it renders
+(see ``parity.lf_render``).
 
 llfarm reads it to check ``backend_options.llamafactory`` and templates before launch, without importing
 LlamaFactory. A test checks it against the installed package; regenerate it after an upgrade with
@@ -27,6 +30,7 @@ def known() -> dict[str, Any]:
 def installed() -> dict[str, Any]:
     """The same, read from the installed LlamaFactory (imports it: tests and --write only)."""
     import dataclasses
+    import typing
     from importlib.metadata import version
 
     from llamafactory.data.template import TEMPLATES
@@ -37,12 +41,42 @@ def installed() -> dict[str, Any]:
         ModelArguments,
         TrainingArguments,
     )
-    keys: set[str] = set()
+    types: dict[str, list[Any]] = {}
     # The same classes, and the same rule (init fields), as HfArgumentParser.parse_dict in get_train_args.
     for cls in (ModelArguments, DataArguments, TrainingArguments, FinetuningArguments, GeneratingArguments):
-        keys |= {f.name for f in dataclasses.fields(cls) if f.init}
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            if f.init and f.name not in types:
+                types[f.name] = type_spec(hints.get(f.name, f.type))
     return {"llamafactory": version("llamafactory"), "regenerate": "python -m llfarm.backends.llamafactory.keys --write",
-            "keys": sorted(keys), "templates": {name: template_spec(TEMPLATES[name]) for name in sorted(TEMPLATES)}}
+            "keys": sorted(types), "types": {k: types[k] for k in sorted(types)},
+            "templates": {name: template_spec(TEMPLATES[name]) for name in sorted(TEMPLATES)}}
+
+
+SIMPLE = {bool: "bool", int: "int", float: "float", str: "str", type(None): "null", dict: "dict", list: "list"}
+
+
+def type_spec(annotation) -> list[Any]:
+    """A field annotation as the alternatives it accepts (see the module docstring)."""
+    import enum
+    import typing
+    origin = typing.get_origin(annotation)
+    if origin is typing.Union or type(annotation).__name__ == "UnionType":
+        alternatives = list(typing.get_args(annotation))
+        enums = [a for a in alternatives if isinstance(a, type) and issubclass(a, enum.Enum)]
+        if enums and str in alternatives:        # SchedulerType | str: the string must name a member
+            alternatives = [a for a in alternatives if a is not str]
+        out: list[Any] = []
+        for a in alternatives:
+            out += [t for t in type_spec(a) if t not in out]
+        return ["any"] if "any" in out else out
+    if origin is typing.Literal:
+        return [{"enum": list(typing.get_args(annotation))}]
+    if isinstance(annotation, type) and issubclass(annotation, enum.Enum):
+        return [{"enum": [m.value for m in annotation]}]
+    if origin in (dict, list):
+        return [SIMPLE[origin]]
+    return [SIMPLE.get(annotation, "any")]
 
 
 def _slots(formatter) -> list[Any]:
