@@ -321,6 +321,34 @@ def _do_export(run, formats: list[str], quant: str, out: Path | None, name: str 
         click.echo(f"load it in Ollama: {command}", err=True)
 
 
+# ---------------------------------------------------------------- run lifecycle: estimate, eval
+
+@cli.command()
+@click.argument("strategy")
+@click.option("--backend", "-b", help=BACKEND_HELP)
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help=SET_HELP)
+@click.option("--measure", is_flag=True,
+              help="Also train a few real steps (llfarm run into a temporary folder) and print measured vs predicted.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object (predicted_peak_bytes, "
+                                                      "measured_peak_bytes with --measure, the breakdown).")
+def estimate(strategy: str, backend: str | None, overrides: tuple[str, ...], measure: bool, as_json: bool) -> None:
+    """Parameters, trainable parameters and peak training memory (weights, gradients, optimizer state,
+    activations) from the model's config.json alone: no weights are read, nothing is downloaded but a hub
+    model's config.json. --measure trains 3 steps and compares."""
+    import json
+
+    from . import estimate as est
+    from .strategy import resolve
+    res = resolve(strategy, overrides)
+    prediction = est.predict(res, backend)
+    measured = est.measure(strategy, overrides, backend, verbose=False) if measure else None
+    if as_json:
+        click.echo(json.dumps(est.as_json(prediction, measured), indent=2))
+    else:
+        for line in est.render(prediction, measured):
+            click.echo(line)
+
+
 def main() -> None:
     for sig in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, _terminate)

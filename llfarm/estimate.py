@@ -494,9 +494,9 @@ def estimate(strategy, *, model_path: str, platform: str, precision: str, backen
         tokenizer = load_tokenizer_file(model_path, s.model.revision)
         if tokenizer is not None:
             sequence = longest_example(train_rows, data_kind, s.template, tokenizer, s.data.max_length)
-            source = f"the longest training example (data.max_length {s.data.max_length})"
+            source = f"longest training example; data.max_length {s.data.max_length}"
         else:
-            sequence, source = s.data.max_length, "data.max_length (the tokenizer is not on this machine)"
+            sequence, source = s.data.max_length, "data.max_length; no tokenizer on this machine"
     else:
         sequence, source = s.data.max_length, "data.max_length"
     batch = s.training.batch_size * (2 if s.stage in ("dpo", "rm") else 1)
@@ -518,3 +518,192 @@ def estimate(strategy, *, model_path: str, platform: str, precision: str, backen
         batch=batch, sequence=sequence, sequence_source=source, optimizer=optim_name,
         weights_bytes=int(weights), gradients_bytes=int(gradients), optimizer_bytes=int(optimizer),
         activations_bytes=acts.bytes, head_gradient_bytes=head_grad, peak_bytes=int(peak), notes=notes)
+
+
+def predict(resolved, backend: str | None = None) -> Estimate:
+    """The estimate for a resolved strategy: plan's checks first (capabilities, model path, data), then the count.
+    Planning, so a strategy for a GPU is estimated for one on any machine."""
+    from .runner import prepare_run
+    prep = prepare_run(resolved, backend, plan=True)
+    return estimate(resolved.strategy, model_path=prep.model_path, platform=prep.platform.name,
+                    precision=prep.precision, backend=prep.backend.name, train_rows=prep.data.train_rows,
+                    data_kind=prep.data.kind)
+
+
+# ---------------------------------------------------------------- measuring
+
+@dataclass
+class Measured:
+    platform: str
+    backend: str
+    steps: int
+    peak_bytes: int                 # what the prediction predicts (see the module docstring)
+    definition: str
+    process_peak_bytes: int | None = None     # CPU: the training process's peak RSS since training began
+    baseline_bytes: int | None = None         # CPU: the runtime baseline's RSS
+    gpu_reserved_peak_bytes: int | None = None
+
+
+def measure(strategy: str, overrides: tuple[str, ...] | list[str], backend: str | None = None, *,
+            steps: int = MEASURE_STEPS, verbose: bool = False) -> Measured:
+    """Train ``steps`` real steps with llfarm's runner (prepare → create → execute → finish, into a temporary
+    output folder, no checkpoints, no eval, no export) and read the peaks that run recorded."""
+    import tempfile
+
+    from .errors import TrainingFailed
+    from .runner import create_run, execute, finish, prepare_run, tail
+    from .strategy import resolve
+
+    measure_set = [f"training.max_steps={steps}", "training.logging_steps=1", "training.save_every=null",
+                   "training.eval_every=null", "data.eval=null", "data.eval_split=0", "export.formats=[]"]
+    resolved = resolve(strategy, [*overrides, *measure_set])
+    prep = prepare_run(resolved, backend)
+    if prep.platform.name not in ("cpu", "cuda"):
+        raise UnsupportedError(f"--measure reads CPU or CUDA memory; this machine is {prep.platform.name}",
+                               hint="run `llfarm estimate` without --measure here")
+    with tempfile.TemporaryDirectory(prefix="llfarm-measure-") as tmp:
+        ctx, native = create_run(prep, Path(tmp), run_id="measure")
+        native.env.update(MALLOC_ENV)
+        code = execute(ctx, native, verbose=verbose)
+        if code >= 128:
+            raise KeyboardInterrupt
+        if code != 0:
+            raise TrainingFailed(f"the measuring run failed (exit {code}): "
+                                 + " | ".join(tail(ctx.run.logs / "train.log", 3).splitlines()),
+                                 where="estimate --measure", hint="run the strategy with `llfarm run -v` to see why")
+        finish(ctx, prep.backend)
+        memory = ctx.run.read_manifest().get("memory", {})
+        env = {**native.env}
+    if prep.platform.name == "cuda":
+        if "gpu_peak_mb" not in memory:
+            raise TrainingFailed("the measuring run recorded no gpu_peak_mb", where="estimate --measure")
+        return Measured(platform="cuda", backend=prep.backend.name, steps=steps,
+                        peak_bytes=int(memory["gpu_peak_mb"] * MIB),
+                        definition="torch.cuda.max_memory_allocated() since training began (CUDA context excluded)",
+                        gpu_reserved_peak_bytes=int(memory["gpu_reserved_peak_mb"] * MIB)
+                        if "gpu_reserved_peak_mb" in memory else None)
+    if "rss_peak_mb" not in memory:
+        raise TrainingFailed("the measuring run recorded no rss_peak_mb", where="estimate --measure")
+    process = int(memory["rss_peak_mb"] * MIB)
+    baseline = runtime_baseline(prep, env)
+    return Measured(platform="cpu", backend=prep.backend.name, steps=steps, peak_bytes=process - baseline,
+                    definition="peak RSS of the training process since training began, minus the runtime "
+                               "baseline (both with MALLOC_MMAP_THRESHOLD_=131072)",
+                    process_peak_bytes=process, baseline_bytes=baseline)
+
+
+def runtime_baseline(prep, env: dict[str, str]) -> int:
+    """RSS of a process that holds what a training process holds apart from the model: the backend's packages and
+    the training stack imported, the strategy's tokenizer loaded, a toy model (one 8-wide layer; wrapped in LoRA
+    when the strategy trains LoRA) trained two steps by transformers' Trainer."""
+    import os
+    import subprocess
+    import sys
+
+    s = prep.resolved.strategy
+    argv = [sys.executable, "-m", "llfarm.estimate", "baseline", prep.model_path, s.stage,
+            "--peft" if s.is_peft else "--no-peft", *prep.backend.packages]
+    proc = subprocess.run(argv, capture_output=True, text=True, env={**os.environ, **env, **MALLOC_ENV},
+                          timeout=600)
+    lines = proc.stdout.strip().splitlines()
+    if proc.returncode != 0 or not lines:
+        from .errors import TrainingFailed
+        raise TrainingFailed(f"the runtime-baseline process failed: {' | '.join(proc.stderr.splitlines()[-3:])}",
+                             where="estimate --measure")
+    return int(json.loads(lines[-1])["rss_bytes"])
+
+
+def _baseline_child(model_path: str, stage: str, peft: bool, packages: list[str]) -> dict[str, int]:
+    import importlib
+    import tempfile
+
+    import torch  # noqa: F401
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, Trainer, TrainingArguments
+
+    from .compat import fix_trl_availability_flags
+    from .metrics import _rss_bytes, reset_memory_peaks
+    fix_trl_availability_flags()
+    for name in ("datasets", "accelerate", "peft", "trl", *packages):
+        try:
+            importlib.import_module(name)
+        except Exception:  # noqa: BLE001 - e.g. unsloth without a GPU: the run could not have used it either
+            pass
+    from datasets import Dataset
+    import trl
+    getattr(trl, {"dpo": "DPOTrainer", "rm": "RewardTrainer"}.get(stage, "SFTTrainer"))  # what a run imports
+
+    AutoTokenizer.from_pretrained(model_path)
+    toy = LlamaForCausalLM(LlamaConfig(vocab_size=8, hidden_size=8, intermediate_size=8, num_hidden_layers=1,
+                                       num_attention_heads=1, num_key_value_heads=1))
+    if peft:
+        from peft import LoraConfig, get_peft_model
+        toy = get_peft_model(toy, LoraConfig(r=2, target_modules="all-linear"))
+    data = Dataset.from_list([{"input_ids": [1, 2, 3], "labels": [1, 2, 3]}] * 4)
+    reset_memory_peaks()
+    with tempfile.TemporaryDirectory() as out:
+        args = TrainingArguments(output_dir=out, max_steps=2, per_device_train_batch_size=2, use_cpu=True,
+                                 report_to="none", save_strategy="no", disable_tqdm=True, logging_steps=1)
+        Trainer(model=toy, args=args, train_dataset=data).train()
+    from .metrics import _rss_peak_bytes
+    return {"rss_bytes": max(_rss_peak_bytes() or 0, _rss_bytes() or 0)}
+
+
+if __name__ == "__main__":  # python -m llfarm.estimate baseline MODEL STAGE --peft|--no-peft [PACKAGE ...]
+    import sys
+    if len(sys.argv) < 5 or sys.argv[1] != "baseline":
+        sys.exit("usage: python -m llfarm.estimate baseline MODEL_PATH STAGE --peft|--no-peft [PACKAGE ...]")
+    print(json.dumps(_baseline_child(sys.argv[2], sys.argv[3], sys.argv[4] == "--peft", sys.argv[5:])))
+
+
+# ---------------------------------------------------------------- showing it
+
+def human(n: float) -> str:
+    return f"{n / 2**30:.2f} GiB" if abs(n) >= 2**30 else f"{n / MIB:.1f} MiB"
+
+
+def render(est: Estimate, measured: Measured | None = None) -> list[str]:
+    share = 100 * est.trainable_params / est.params if est.params else 0.0
+    lines = [
+        f"model       {est.model} ({est.model_type}; {est.config})",
+        f"parameters  {est.params:,} ({est.params / 1e6:.2f} M); trainable {est.trainable_params:,} ({share:.2f}%): "
+        f"{est.trainable_what}",
+        f"training    {est.stage}, {est.method}, {est.precision} on {est.platform}, weights {est.weights_dtype}; "
+        f"micro-batch {est.batch} × {est.sequence} tokens ({est.sequence_source}); optimizer {est.optimizer}",
+        "predicted peak memory of the training process:",
+        f"  weights      {human(est.weights_bytes):>12}",
+        f"  gradients    {human(est.gradients_bytes):>12}",
+        f"  optimizer    {human(est.optimizer_bytes):>12}",
+        f"  activations  {human(est.activations_bytes):>12}",
+        f"  peak         {human(est.peak_bytes):>12}   weights + optimizer + max(gradients, activations"
+        + (" + lm_head gradient)" if est.head_gradient_bytes else ")"),
+    ]
+    if est.platform == "cpu":
+        lines.append("  (plus the runtime: Python, torch, transformers — about 0.8 GiB of RSS on CPU; --measure "
+                     "measures it)")
+    else:
+        lines.append("  (plus the CUDA context, a few hundred MiB, and the caching allocator's spare blocks)")
+    lines += [f"note        {n}" for n in est.notes]
+    if measured is not None:
+        if measured.platform == "cpu":
+            how = (f"peak RSS {human(measured.process_peak_bytes or 0)} − runtime baseline "
+                   f"{human(measured.baseline_bytes or 0)} = {human(measured.peak_bytes)}")
+        else:
+            how = f"torch.cuda.max_memory_allocated {human(measured.peak_bytes)}"
+        lines.append(f"measured    {measured.steps} steps of `llfarm run` ({measured.backend}, {measured.platform}): "
+                     f"{how}")
+        lines.append(f"predicted   {human(est.peak_bytes)} vs measured {human(measured.peak_bytes)}: "
+                     f"{error_pct(est.peak_bytes, measured.peak_bytes):+.1f}%")
+    return lines
+
+
+def error_pct(predicted: float, measured: float) -> float:
+    return 100.0 * (predicted - measured) / measured if measured else float("inf")
+
+
+def as_json(est: Estimate, measured: Measured | None = None) -> dict[str, Any]:
+    out = est.as_json()
+    if measured is not None:
+        out["measured_peak_bytes"] = measured.peak_bytes
+        out["measured"] = asdict(measured)
+        out["error_pct"] = round(error_pct(est.peak_bytes, measured.peak_bytes), 2)
+    return out
