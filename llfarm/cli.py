@@ -349,6 +349,31 @@ def estimate(strategy: str, backend: str | None, overrides: tuple[str, ...], mea
             click.echo(line)
 
 
+@cli.command("eval")
+@click.argument("run_dir", type=click.Path(path_type=Path))
+@click.option("--data", "-d", help="SFT data to score (a .jsonl/.json file or builtin:NAME; default: the run's eval data).")
+@click.option("--baseline", is_flag=True, help="Score the base model too, so the gain is visible.")
+@click.option("--max-new-tokens", type=click.IntRange(1, 100_000),
+              help="Tokens to generate per answer for exact match (default: the reference's length + 16).")
+@click.option("--json", "as_json", is_flag=True, help="Print eval.json instead of the table.")
+def eval_(run_dir: Path, data: str | None, baseline: bool, max_new_tokens: int | None, as_json: bool) -> None:
+    """Loss, perplexity and token accuracy on the answer tokens, and exact match of greedy answers; written to
+    RUN/eval.json and summarized in manifest.json."""
+    import json
+
+    from .evaluation import evaluate, render
+    from .rundir import RunDir
+    run = RunDir(run_dir)
+    result = evaluate(run_dir, data, baseline=baseline, max_new_tokens=max_new_tokens)
+    if as_json:
+        click.echo(json.dumps(result, indent=2))
+        return
+    shown = data or run.show(Path(result["data"]["path"]))
+    for line in render(result, str(run), shown):
+        click.echo(line)
+    click.echo(f"wrote {run.show(run.root / 'eval.json')}", err=True)
+
+
 def main() -> None:
     for sig in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, _terminate)

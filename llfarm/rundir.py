@@ -107,6 +107,12 @@ class RunDir:
         raise RunError("the run has no adapter/ or model/ (did training finish?)", where=self.shown,
                        hint="check manifest.json's status and logs/, or resume with `llfarm resume`")
 
+    def eval_data(self) -> Path | None:
+        """The run's own evaluation data (data.eval or the data.eval_split hold-out, normalized JSONL), or None.
+        The one place that knows where a run keeps it (`llfarm eval` reads it through here)."""
+        path = self.native / "data" / "eval.jsonl"
+        return path if path.is_file() else None
+
     def read_metrics(self) -> list[dict[str, Any]]:
         if not self.metrics_path.exists():
             return []
