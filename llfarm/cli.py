@@ -61,7 +61,8 @@ def cli() -> None:
 
     \b
     llfarm strategies list
-    llfarm plan quickstart --backend llamafactory
+    llfarm backends
+    llfarm plan quickstart --backend auto
     llfarm run quickstart
     llfarm generate runs/<id> --prompt "What is the capital of France?"
     llfarm export runs/<id> --format ollama
@@ -110,7 +111,7 @@ def _print_sources(res) -> None:
         click.echo(f"{key} = {value!r}    # {source}")
 
 
-BACKEND_HELP = "pytorch, llamafactory, unsloth or auto (default: the strategy's)."
+BACKEND_HELP = "A backend listed by `llfarm backends`, or auto (default: the strategy's)."
 
 
 @cli.command()
@@ -124,7 +125,7 @@ def validate(strategy: str, backend: str | None, overrides: tuple[str, ...], exp
     from .runner import prepare_run
     from .strategy import resolve
     res = resolve(strategy, overrides)
-    prep = prepare_run(res, backend, plan=True)
+    prep = prepare_run(res, backend, plan=True, write_data=False)
     if explain:
         _print_sources(res)
     click.echo(f"ok: {res.file} — backend {prep.backend.name}, stage {res.strategy.stage}, method "
@@ -151,6 +152,7 @@ def backends() -> None:
         status = "; ".join(problems) or "ready"
         caps = b.capabilities.table()
         click.echo(f"{b.name:<13} {status}")
+        click.echo(f"{'':<13} {b.summary}{' (the default)' if b.default else ''}")
         click.echo(f"{'':<13} stages {','.join(caps['stages'])}; methods {','.join(caps['methods'])}; "
                    f"quantization {','.join(caps['quantization'])}; platforms {','.join(caps['platforms'])}")
     for name, why in BROKEN.items():
@@ -185,8 +187,12 @@ def plan(strategy: str, backend: str | None, overrides: tuple[str, ...], out: Pa
         if prep.platform != detect():       # planned for hardware this machine lacks (backend.plan_platform)
             click.echo(f"# note: {prep.platform.accelerator}; `llfarm run` needs one")
         click.echo(f"# model: {prep.model_path}")
-        click.echo(f"# data: {prep.data.n_train} train / {prep.data.n_eval} eval ({prep.data.source_format})")
+        d = prep.data
+        used = f" (a seeded {d.n_train} of {d.n_available}: what {s.training.max_steps} steps see)" \
+            if d.n_train < d.n_available else ""
+        click.echo(f"# data: {d.n_train} train{used} / {d.n_eval} eval ({d.source_format}); {d.train_path}")
         click.echo(f"# steps: {native.total_steps}")
+        click.echo(f"# trainer: {native.trainer}")
         click.echo(f"# command: {native.command_line()}")
         for f in native.files:
             click.echo(f"# ---- {f.relative_to(ctx.run.root) if out else f.name}")

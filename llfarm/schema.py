@@ -41,16 +41,49 @@ class MethodSpec(Section):
         return v
 
 
+class SourceSpec(Section):
+    path: str = Field(..., description="A data file, a folder saved by datasets.save_to_disk, builtin:NAME, or a "
+                                       "hub dataset hf:ORG/NAME.")
+    weight: float = Field(1.0, gt=0.0, le=1000.0, description="Share of this source in the mix: 2.0 takes it twice, "
+                                                               "0.5 a seeded half.")
+    split: str = Field("train", description="Split of a hub dataset or a saved DatasetDict.")
+
+
+Sources = str | list[str | SourceSpec]
+
+
 class DataSpec(Section):
-    train: str = Field(..., description="Training data: a .jsonl/.json path or builtin:NAME "
-                                        "(alpaca, messages, sharegpt, preference).")
-    eval: str | None = Field(None, description="Evaluation data (same formats); overrides eval_split.")
+    train: Sources = Field(..., description="Training data: a file (.jsonl, .json, .jsonl.gz, .csv, .tsv, .parquet, "
+                                            ".txt), a datasets.save_to_disk folder, builtin:NAME (alpaca, messages, "
+                                            "sharegpt, preference), hf:ORG/NAME, or a list of sources with weights.")
+    eval: Sources | None = Field(None, description="Evaluation data (same forms); overrides eval_split.")
     eval_split: float = Field(0.0, ge=0.0, lt=1.0, description="Fraction of train held out for eval.")
-    format: Literal["auto", "alpaca", "messages", "sharegpt", "preference"] = Field(
-        "auto", description="Data format; auto detects it from the first record.")
+    format: Literal["auto", "alpaca", "messages", "sharegpt", "preference", "text"] = Field(
+        "auto", description="Record format; auto detects it from the first record's keys.")
+    columns: dict[str, str] = Field(default_factory=dict, description="Rename fields: {instruction: question, "
+                                                                      "output: answer} reads 'question' as instruction.")
+    text_unit: Literal["line", "file"] = Field("line", description="Plain text files: one document per line or per "
+                                                                   "file.")
     max_length: int = Field(256, ge=8, le=1_048_576, description="Maximum tokens per example.")
     max_samples: int | None = Field(None, ge=1, description="Use at most this many training examples.")
     system: str | None = Field(None, description="Default system prompt (also the Ollama SYSTEM).")
+
+    @field_validator("columns")
+    @classmethod
+    def _columns(cls, v: dict[str, str]) -> dict[str, str]:
+        known = {"instruction", "input", "output", "system", "messages", "conversations", "prompt", "chosen",
+                 "rejected", "text"}
+        for canonical in v:
+            if canonical not in known:
+                raise ValueError(f"maps unknown field '{canonical}'; fields are {', '.join(sorted(known))}")
+        return v
+
+    def sources(self, which: str = "train") -> list[SourceSpec]:
+        value = self.train if which == "train" else self.eval
+        if value is None:
+            return []
+        items = [value] if isinstance(value, str) else value
+        return [SourceSpec(path=i) if isinstance(i, str) else i for i in items]
 
 
 class TrainingSpec(Section):
@@ -97,7 +130,8 @@ class Strategy(Section):
     name: str = Field(..., min_length=1, max_length=100, description="Short name; used in run ids.")
     description: str = Field("", description="One line about what this strategy does.")
     extends: str | None = Field(None, description="Inherit another strategy (shipped name or path).")
-    backend: str = Field("pytorch", description="pytorch, llamafactory, unsloth, or auto.")
+    backend: str = Field(default_factory=lambda: _default_backend(),
+                         description="A backend from `llfarm backends`, or auto (default: the default backend).")
     model: ModelSpec = Field(default_factory=ModelSpec)
     template: str = Field("chatml", description="Chat template name (templates/) or a template YAML path.")
     stage: Literal["sft", "dpo", "rm"] = Field("sft", description="sft, dpo (preference), rm (reward model).")
@@ -117,3 +151,8 @@ class Strategy(Section):
     @property
     def quantization(self) -> str:
         return "4bit" if self.method.type == "qlora" else self.model.quantization
+
+
+def _default_backend() -> str:
+    from .backend import default_backend
+    return default_backend()

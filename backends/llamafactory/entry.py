@@ -1,6 +1,6 @@
 """The LlamaFactory backend's training process:
 
-    python -m llfarm.backends.llamafactory_entry native/llamafactory_train.yaml \\
+    python -m llfarm.backends.llamafactory.entry native/llamafactory_train.yaml \\
         --metrics metrics.jsonl --final native/final_metrics.json --template chatml
 
 It is ``llamafactory-cli train native/llamafactory_train.yaml`` (LlamaFactory's own ``run_exp``, same config,
@@ -29,7 +29,7 @@ from typing import Any
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m llfarm.backends.llamafactory_entry")
+    ap = argparse.ArgumentParser(prog="python -m llfarm.backends.llamafactory.entry")
     ap.add_argument("config", help="LlamaFactory training YAML")
     ap.add_argument("--metrics", required=True, help="metrics.jsonl to write while training")
     ap.add_argument("--final", required=True, help="JSON file for metrics computed after training")

@@ -1,0 +1,176 @@
+"""One strategy → LlamaFactory's flat training YAML (``native/llamafactory_train.yaml``).
+
+Every key llfarm writes is declared once, here: :data:`OWNED` (from a strategy field or llfarm's run wiring:
+``backend_options.llamafactory`` may not set them) and :data:`DEFAULTS` (llfarm's defaults, which raw options may
+override). ``build_config`` writes nothing else, and the options model refuses the owned keys, so the config and
+the refusal cannot drift apart. The TrainingArguments come from llfarm's shared training layer
+(``llfarm.training.training_arguments``): LlamaFactory trains with the same values as the other backends.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, create_model
+
+from llfarm.training import HF_DEFAULTS, HF_SOURCES, training_arguments
+
+from .data import EVAL_DATASET, TRAIN_DATASET
+from .keys import known
+
+TRAIN_YAML = "llamafactory_train.yaml"
+
+# Shared TrainingArguments LlamaFactory does not take from llfarm: it has its own switch or sets them itself.
+NOT_SHARED = {"gradient_checkpointing", "remove_unused_columns"}
+
+# LlamaFactory keys that come from a strategy field or from llfarm's wiring of the run directory.
+OWNED: dict[str, str] = {
+    **{k: v for k, v in HF_SOURCES.items() if k not in NOT_SHARED},
+    "model_name_or_path": "model.path", "model_revision": "model.revision",
+    "trust_remote_code": "model.trust_remote_code", "quantization_bit": "method.type (qlora) or model.quantization",
+    "stage": "stage", "do_train": "llfarm (every run trains)", "finetuning_type": "method.type",
+    "lora_rank": "method.r", "lora_alpha": "method.alpha", "lora_dropout": "method.dropout",
+    "lora_target": "method.target_modules", "freeze_trainable_layers": "method.trainable_layers",
+    "pref_beta": "preference.beta", "pref_loss": "preference.loss",
+    "dataset": "data.train", "eval_dataset": "data.eval", "dataset_dir": "data.train (the run's native/)",
+    "template": "template", "cutoff_len": "data.max_length", "default_system": "data.system",
+    "mask_history": "llfarm (the loss is on the final answer, as on every backend)",
+    "disable_gradient_checkpointing": "training.gradient_checkpointing",
+    "overwrite_output_dir": "llfarm (resume is explicit)", "resume_from_checkpoint": "`llfarm resume RUN_DIR`",
+    # never written (the core does their job once, for every backend), refused all the same
+    "max_samples": "data.max_samples", "val_size": "data.eval_split", "logging_dir": "the run directory",
+}
+# Keys llfarm writes with its own default values; raw options may override these.
+DEFAULTS: dict[str, Any] = {
+    **{k: v for k, v in HF_DEFAULTS.items() if k not in NOT_SHARED},
+    "quantization_method": "bnb", "quantization_type": "nf4", "double_quantization": True,
+    "freeze_trainable_modules": "all", "overwrite_cache": True, "save_only_model": False, "plot_loss": False,
+    "ddp_timeout": 180000000,
+}
+KEEP_NULL = {"resume_from_checkpoint"}   # written even when null: LlamaFactory must never resume on its own
+
+
+def _strategy_field(source: str) -> bool:
+    from llfarm.strategy import strategy_keys
+    return source.split(" ")[0] in strategy_keys()
+
+
+def _refuse(source: str):
+    def check(value: Any) -> Any:
+        if _strategy_field(source):
+            raise ValueError(f"comes from the strategy field {source}: set that instead")
+        raise ValueError(f"is llfarm's to set ({source}): remove it")
+    return AfterValidator(check)
+
+
+_OPTIONS: type[BaseModel] | None = None
+
+
+def options_model() -> type[BaseModel]:
+    """backend_options.llamafactory: any LlamaFactory 0.9.5 config key (keys.json) except those llfarm owns."""
+    global _OPTIONS
+    if _OPTIONS is None:
+        fields: dict[str, Any] = {key: (Any, None) for key in known()["keys"]}
+        for key, source in OWNED.items():
+            fields[key] = (Annotated[Any, _refuse(source)], None)
+        _OPTIONS = create_model("LlamaFactoryOptions", __config__=ConfigDict(extra="forbid"), **fields)
+        _OPTIONS.HINT = (f"keys are LlamaFactory {known()['llamafactory']}'s config keys "
+                         "(backends/llamafactory/keys.json)")
+    return _OPTIONS
+
+
+class Config:
+    """The config in the sections LlamaFactory's examples use (the file itself is one flat namespace)."""
+
+    def __init__(self) -> None:
+        self.sections: dict[str, dict[str, Any]] = {}
+
+    def put(self, section: str, key: str, value: Any) -> None:
+        assert key in OWNED or key in DEFAULTS, f"{key} is written but not declared in OWNED or DEFAULTS"
+        if value is not None or key in KEEP_NULL:
+            self.sections.setdefault(section, {})[key] = value
+
+    def default(self, section: str, key: str) -> None:
+        self.put(section, key, DEFAULTS[key])
+
+    def flat(self) -> dict[str, Any]:
+        return {k: v for section in self.sections.values() for k, v in section.items()}
+
+
+def build_config(ctx, steps: int, template_name: str, options: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    s, run = ctx.strategy, ctx.run
+    m, d = s.method, s.data
+    c = Config()
+    c.put("model", "model_name_or_path", ctx.model_path)
+    c.put("model", "trust_remote_code", s.model.trust_remote_code)
+    c.put("model", "model_revision", s.model.revision)
+    if s.quantization != "none":
+        c.put("model", "quantization_bit", 4 if s.quantization == "4bit" else 8)
+        c.default("model", "quantization_method")
+        if s.quantization == "4bit":
+            c.default("model", "quantization_type")
+            c.default("model", "double_quantization")
+
+    c.put("method", "stage", s.stage)
+    c.put("method", "do_train", True)
+    c.put("method", "finetuning_type", "lora" if s.is_peft else m.type)
+    if s.is_peft:
+        c.put("method", "lora_rank", m.r)
+        c.put("method", "lora_alpha", m.alpha)
+        c.put("method", "lora_dropout", m.dropout)
+        c.put("method", "lora_target", "all" if m.target_modules == "all" else ",".join(m.target_modules))
+    elif m.type == "freeze":
+        c.put("method", "freeze_trainable_layers", m.trainable_layers)
+        c.default("method", "freeze_trainable_modules")
+    if s.stage == "dpo":
+        c.put("method", "pref_beta", s.preference.beta)
+        c.put("method", "pref_loss", s.preference.loss)
+
+    c.put("dataset", "dataset", TRAIN_DATASET)
+    if ctx.data.eval_path is not None:
+        c.put("dataset", "eval_dataset", EVAL_DATASET)
+    c.put("dataset", "dataset_dir", str(run.native))
+    c.put("dataset", "template", template_name)
+    # llfarm templates have no built-in system prompt (data.system is already in the data); some LlamaFactory
+    # templates have one, so it is switched off for every template.
+    c.put("dataset", "default_system", "")
+    c.put("dataset", "cutoff_len", d.max_length)
+    if s.stage == "sft":
+        c.put("dataset", "mask_history", True)   # the loss is on the final answer only, as on the other backends
+    c.default("dataset", "overwrite_cache")
+
+    for key, value in training_arguments(ctx, steps).items():
+        if key not in NOT_SHARED:
+            c.put("training (llfarm's shared TrainingArguments)", key, value)
+    # LlamaFactory turns gradient checkpointing on by default; llfarm's default is off.
+    c.put("training (llfarm's shared TrainingArguments)", "disable_gradient_checkpointing",
+          not s.training.gradient_checkpointing)
+    if s.distributed.launcher == "torchrun":
+        c.default("training (llfarm's shared TrainingArguments)", "ddp_timeout")
+
+    c.put("output", "overwrite_output_dir", True)
+    c.put("output", "resume_from_checkpoint", str(ctx.resume_from) if ctx.resume_from else None)
+    c.default("output", "save_only_model")
+    c.default("output", "plot_loss")
+
+    options = dict(options)
+    for section in c.sections.values():          # a raw option overrides one of llfarm's defaults
+        for key in list(section):
+            if key in options:
+                section[key] = options.pop(key)
+    if options:
+        c.sections["backend_options.llamafactory"] = options
+    return c.sections
+
+
+def render_yaml(config: dict[str, dict[str, Any]]) -> str:
+    import yaml
+    parts = [f"# LlamaFactory {known()['llamafactory']} training config written by llfarm (one flat namespace; "
+             "the ### lines are comments).",
+             "# By hand: DISABLE_VERSION_CHECK=1 llamafactory-cli train <this file>",
+             "# llfarm's own command (the same training, plus metrics.jsonl and the run directory): command.txt"]
+    for title, section in config.items():
+        parts.append(f"\n### {title}")
+        parts.append(yaml.safe_dump(section, sort_keys=False, default_flow_style=False, allow_unicode=True,
+                                    width=1000).rstrip("\n"))
+    return "\n".join(parts) + "\n"
