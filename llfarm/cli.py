@@ -374,8 +374,7 @@ def eval_(run_dir: Path, data: str | None, baseline: bool, max_new_tokens: int |
     if as_json:
         click.echo(json.dumps(result, indent=2))
         return
-    shown = data or run.show(Path(result["data"]["path"]))
-    for line in render(result, str(run), shown):
+    for line in render(result, str(run), result["data"]["shown"]):
         click.echo(line)
     click.echo(f"wrote {run.show(run.root / 'eval.json')}", err=True)
 

@@ -363,7 +363,9 @@ class _TokenizerFile:
     def get_vocab(self) -> dict[str, int]:
         return self._tk.get_vocab()
 
-    def __call__(self, text: str, add_special_tokens: bool = False) -> dict[str, list[int]]:
+    def __call__(self, text: str | list[str], add_special_tokens: bool = False) -> dict[str, list]:
+        if isinstance(text, list):
+            return {"input_ids": [e.ids for e in self._tk.encode_batch(text, add_special_tokens=add_special_tokens)]}
         return {"input_ids": self._tk.encode(text, add_special_tokens=add_special_tokens).ids}
 
 
@@ -393,7 +395,7 @@ def longest_example(rows: list[dict[str, Any]], kind: str, template_name: str, t
 
     template = load_template(template_name)
     tokenizer = tokenizer_for_template(tokenizer, template)
-    if kind == "sft":
+    if kind != "preference":
         examples, _ = tokenize_sft(rows, template, tokenizer, max_length)
         return max((len(e["input_ids"]) for e in examples), default=max_length)
     pairs = tokenize_pairs(rows, template, tokenizer, max_length)
@@ -526,7 +528,7 @@ def predict(resolved, backend: str | None = None) -> Estimate:
     from .runner import prepare_run
     prep = prepare_run(resolved, backend, plan=True)
     return estimate(resolved.strategy, model_path=prep.model_path, platform=prep.platform.name,
-                    precision=prep.precision, backend=prep.backend.name, train_rows=prep.data.train_rows,
+                    precision=prep.precision, backend=prep.backend.name, train_rows=list(prep.data.rows("train")),
                     data_kind=prep.data.kind)
 
 

@@ -31,28 +31,43 @@ BATCH = 8
 class EvalData:
     rows: list[dict[str, Any]]       # normalized SFT rows: {"messages": [...]} ending with the answer
     source: str                      # "run" (the run's own eval data) or "--data"
-    path: Path
-    shown: str                       # the path as the user gave it (or inside the run)
-    sha256: str
+    path: str                        # absolute path, or the builtin:/hf: reference
+    shown: str                       # as the user gave it (or as the run's path shows it)
+    sha256: str                      # of the source's content
+
+
+def read_sft(ref: str, key: str, system: str | None) -> tuple[list[dict[str, Any]], str]:
+    """(normalized rows, sha256) of one SFT source, read and checked by the data layer exactly as a strategy's
+    data.train is (same formats, same file:line errors); the normalized rows land in the data cache."""
+    from .data import open_source
+    from .data.prepare import scan
+    src = scan(open_source(ref, key), weight=1.0, fmt_setting="auto", stage_kind="sft", system=system, columns={},
+               write=True)
+    with open(src.data_path, encoding="utf-8") as fh:
+        return [json.loads(line) for line in fh if line.strip()], src.sha256
 
 
 def eval_data(run: RunDir, manifest: dict[str, Any], data: str | None) -> EvalData:
-    """The examples to score: ``--data`` (any SFT file llfarm reads, with the run's data.system) or the run's own
-    eval data. Every problem is a one-line error before anything is loaded or written."""
-    from .data import load, sha256_file
+    """The examples to score: ``--data`` (any SFT source llfarm reads, with the run's data.system) or the run's
+    own eval data. Every problem is a one-line error before anything is loaded or written."""
     stage = manifest.get("stage", "sft")
     if data is not None:
-        _, rows, path = load(data, "--data", stage="sft", system=manifest.get("system"))
-        return EvalData(rows, "--data", path, data, sha256_file(path))
-    path = run.eval_data()
+        rows, sha = read_sft(data, "--data", manifest.get("system"))
+        path = Path(data) if not data.startswith(("builtin:", "hf:")) else None
+        return EvalData(rows, "--data", str(path.resolve()) if path else data, data, sha)
     if stage != "sft":
         raise DataError(f"a {stage} run's eval data are preference pairs; eval scores answers to prompts",
                         where=str(run), hint="pass --data FILE with instruction or conversation data")
+    path = run.eval_data()
     if path is None:
         raise DataError("the run has no eval data (it was trained without data.eval or data.eval_split)",
                         where=str(run), hint="pass --data FILE (any SFT file llfarm reads, or builtin:NAME)")
-    _, rows, _ = load(str(path), "eval data", stage="sft", system=manifest.get("system"))
-    return EvalData(rows, "run", path, run.show(path), sha256_file(path))
+    if not path.is_file():
+        raise DataError(f"the run's eval data is gone ({path}; the data cache may have been cleared)",
+                        where=str(run), hint="pass --data FILE, or run `llfarm validate` on its strategy to refill "
+                                             "the cache")
+    rows, sha = read_sft(str(path), "eval data", manifest.get("system"))
+    return EvalData(rows, "run", str(path), run.show(path), sha)
 
 
 def check_run(run: RunDir) -> dict[str, Any]:
@@ -134,7 +149,7 @@ def evaluate(run_dir: Path, data: str | None = None, *, baseline: bool = False,
         "run": run.root.name, "created_at": now_iso(), "stage": manifest.get("stage"),
         "output_kind": manifest.get("output_kind"), "template": template.name, "max_length": max_length,
         "max_new_tokens": max_new_tokens or "reference length + 16",
-        "data": {"source": examples.source, "path": str(examples.path), "sha256": examples.sha256,
+        "data": {"source": examples.source, "path": examples.path, "shown": examples.shown, "sha256": examples.sha256,
                  "n_examples": len(examples.rows)},
         "model": scored(manifest.get("output_kind", "adapter")),
     }

@@ -75,7 +75,7 @@ def test_numbers_equal_a_direct_computation(evaluated):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from llfarm.builtin.make_samples import qa_pairs
-    from llfarm.data import load
+    from llfarm.evaluation import read_sft
     from llfarm.templates import load_template
     from llfarm.train_common import tokenize_sft
 
@@ -85,7 +85,7 @@ def test_numbers_equal_a_direct_computation(evaluated):
     tokenizer = AutoTokenizer.from_pretrained(run / "adapter")
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(m["model_path"], dtype=torch.float32),
                                       run / "adapter").eval()
-    _, rows, _ = load("builtin:alpaca", "data", stage="sft")
+    rows, _ = read_sft("builtin:alpaca", "data", None)
     examples, _ = tokenize_sft(rows, load_template("chatml"), tokenizer, 64)
     total, right, count = 0.0, 0, 0
     with torch.no_grad():
@@ -117,20 +117,27 @@ def test_numbers_equal_a_direct_computation(evaluated):
 
 @pytest.mark.slow
 def test_the_runs_own_eval_data_is_the_default(trained, tmp_path):
-    """A run with held-out data (native/data/eval.jsonl, as the core writes it) is scored on it without --data."""
-    from llfarm.data import load
+    """A run with held-out data (manifest.json's data.eval, as the core records it) is scored on it without
+    --data."""
+    from llfarm.evaluation import read_sft
     work, shown = trained
     copy = tmp_path / "runs" / "with-eval"
     shutil.copytree(work / shown, copy)
-    _, rows, _ = load("builtin:alpaca", "data", stage="sft")
-    write(copy / "native" / "data" / "eval.jsonl", "".join(json.dumps(r) + "\n" for r in rows[:5]))
+    rows, _ = read_sft("builtin:alpaca", "data", None)
+    held = write(tmp_path / "cache" / "eval.jsonl", "".join(json.dumps(r) + "\n" for r in rows[:5]))
+    m = manifest(copy)
+    m["data"]["eval"] = str(held)
+    (copy / "manifest.json").write_text(json.dumps(m))
     proc = llfarm("eval", "runs/with-eval", "--max-new-tokens", "16", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "5 examples from runs/with-eval/native/data/eval.jsonl" in proc.stdout
+    assert f"5 examples from {held}" in proc.stdout
     assert "wrote runs/with-eval/eval.json" in proc.stderr
     result = json.loads((copy / "eval.json").read_text())
     assert result["data"]["source"] == "run" and result["model"]["n_examples"] == 5 and "baseline" not in result
     assert manifest(copy)["eval"]["n"] == 5
+    held.unlink()                                   # the data cache was cleared: one line, nothing written
+    proc = llfarm("eval", "runs/with-eval", cwd=tmp_path)
+    assert proc.returncode == 2 and "eval data is gone" in proc.stderr and len(proc.stderr.splitlines()) == 1
 
 
 @pytest.mark.slow

@@ -78,8 +78,9 @@ def test_memory_sample_and_peaks():
 
 
 def test_eval_data_is_found_in_one_place(tmp_path):
-    run = RunDir(tmp_path).create()
+    run = RunDir(tmp_path / "r").create()
+    run.write_manifest({"status": "completed", "data": {"eval": None}})
     assert run.eval_data() is None
-    (run.native / "data").mkdir()
-    (run.native / "data" / "eval.jsonl").write_text("{}\n")
-    assert run.eval_data() == run.native / "data" / "eval.jsonl"
+    held = tmp_path / "cache" / "eval.jsonl"
+    run.update_manifest(data={"eval": str(held)})
+    assert run.eval_data() == held
