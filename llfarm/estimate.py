@@ -442,13 +442,6 @@ class Estimate:
         return out
 
 
-def weights_dtype(model_dtype: str, precision: str) -> str:
-    """The dtype the trainer loads the weights in (the pytorch worker's rule: model.dtype, else the precision's)."""
-    if model_dtype != "auto":
-        return model_dtype
-    return {"bf16": "bfloat16", "fp16": "float16"}.get(precision, "float32")
-
-
 def optimizer_state_bytes(optim: str | None, param_bytes: int) -> tuple[float, str]:
     """(bytes of optimizer state per trainable parameter, the optimizer's name as shown)."""
     name = (optim or "adamw_torch_fused").lower()
@@ -468,7 +461,8 @@ def estimate(strategy, *, model_path: str, platform: str, precision: str, backen
     params = count_params(shape, s.stage, method)
     notes: list[str] = []
 
-    wdtype = weights_dtype(s.model.dtype, precision)
+    from .training import model_dtype
+    wdtype = model_dtype(s, precision)              # what the trainer loads the weights in
     wbytes = DTYPE_BYTES[wdtype]
     if method.type == "qlora" or s.model.quantization == "4bit":
         quantized = params.linear
@@ -630,8 +624,8 @@ def _baseline_child(model_path: str, stage: str, peft: bool, packages: list[str]
             importlib.import_module(name)
         except Exception:  # noqa: BLE001 - e.g. unsloth without a GPU: the run could not have used it either
             pass
-    from datasets import Dataset
     import trl
+    from datasets import Dataset, load_from_disk
     getattr(trl, {"dpo": "DPOTrainer", "rm": "RewardTrainer"}.get(stage, "SFTTrainer"))  # what a run imports
 
     AutoTokenizer.from_pretrained(model_path)
@@ -640,9 +634,13 @@ def _baseline_child(model_path: str, stage: str, peft: bool, packages: list[str]
     if peft:
         from peft import LoraConfig, get_peft_model
         toy = get_peft_model(toy, LoraConfig(r=2, target_modules="all-linear"))
-    data = Dataset.from_list([{"input_ids": [1, 2, 3], "labels": [1, 2, 3]}] * 4)
-    reset_memory_peaks()
     with tempfile.TemporaryDirectory() as out:
+        # the data path of a trainer child: datasets.map, save_to_disk, load_from_disk (llfarm.trainer.tokenized)
+        raw = Dataset.from_list([{"text": "a b c"}] * 4)
+        raw.map(lambda b: {"input_ids": [[1, 2, 3]] * len(b["text"]), "labels": [[1, 2, 3]] * len(b["text"])},
+                batched=True, remove_columns=["text"]).save_to_disk(f"{out}/data")
+        data = load_from_disk(f"{out}/data")
+        reset_memory_peaks()
         args = TrainingArguments(output_dir=out, max_steps=2, per_device_train_batch_size=2, use_cpu=True,
                                  report_to="none", save_strategy="no", disable_tqdm=True, logging_steps=1)
         Trainer(model=toy, args=args, train_dataset=data).train()
