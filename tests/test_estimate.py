@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import llfarm, write
+from conftest import llfarm, one_line_error, write
 
 from llfarm.estimate import FAMILIES, Shape, activations, count_params
 from llfarm.schema import MethodSpec
@@ -37,7 +37,8 @@ def build(model_type: str, stage: str, method: MethodSpec, *, meta: bool, **over
     import torch
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-    from llfarm.train_common import freeze_all_but_last, lora_targets
+    from llfarm.train_common import freeze_all_but_last
+    from llfarm.training import lora_targets
     data, cfg = config_dict(model_type, **overrides)
     if stage == "rm":
         cfg.num_labels = 1
@@ -202,13 +203,7 @@ def test_estimate_imports_no_torch():
 # ---------------------------------------------------------------- one-line errors
 
 def fails(tmp_path: Path, *args: str, expect: list[str], env: dict | None = None) -> str:
-    proc = llfarm("estimate", *args, cwd=tmp_path, env=env)
-    err = proc.stderr.strip()
-    assert proc.returncode == 2, f"exit {proc.returncode}: {err}\n{proc.stdout}"
-    assert "Traceback" not in err and len(err.splitlines()) == 1 and err.startswith("llfarm: error:"), err
-    for piece in expect:
-        assert piece in err, f"{piece!r} not in: {err}"
-    return err
+    return one_line_error(llfarm("estimate", *args, cwd=tmp_path, env=env), expect)
 
 
 def test_model_without_config_json(tmp_path):

@@ -11,7 +11,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from conftest import REPO, llfarm, manifest, metrics, write
+from conftest import REPO, llfarm, manifest, metrics, one_line_error, write
 
 README = (REPO / "README.md").read_text(encoding="utf-8")
 
@@ -179,12 +179,7 @@ def fake_run(root: Path, stage: str = "sft") -> Path:
 
 def fails(cwd: Path, *args: str, expect: list[str]) -> str:
     before = {p: p.read_bytes() for p in cwd.rglob("*") if p.is_file()}
-    proc = llfarm("eval", *args, cwd=cwd)
-    err = proc.stderr.strip()
-    assert proc.returncode == 2, f"exit {proc.returncode}: {err}\n{proc.stdout}"
-    assert "Traceback" not in err and len(err.splitlines()) == 1 and err.startswith("llfarm: error:"), err
-    for piece in expect:
-        assert piece in err, f"{piece!r} not in: {err}"
+    err = one_line_error(llfarm("eval", *args, cwd=cwd), expect)
     after = {p: p.read_bytes() for p in cwd.rglob("*") if p.is_file()}
     assert after == before, "eval wrote or changed files on bad input"
     return err
