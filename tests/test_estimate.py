@@ -306,3 +306,34 @@ def test_100m_model_measured_within_25_percent(tmp_path, model_105m, method):
     out = measured(tmp_path, f"model.path={model_105m}", f"method.type={method}")
     assert out["params"] == 105_007_872 + (3_194_880 if method == "lora" else 0)
     assert out["predicted_peak_bytes"] == pytest.approx(out["measured_peak_bytes"], rel=0.25)
+
+
+def test_readme_example_as_written(tmp_path):
+    """The README's `llfarm estimate` example, run as written from a fresh directory, prints what the README shows
+    (the config path aside)."""
+    import re
+
+    from conftest import REPO
+    section = (REPO / "README.md").read_text(encoding="utf-8").split("### Estimating memory", 1)[1]
+    command = re.search(r"```bash\n(llfarm estimate [^\n]*)\n```", section).group(1)
+    shown = re.search(r"```\n\n((?:    .*\n)+)", section).group(1)
+    proc = llfarm(*command.split()[1:], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    expected = [line[4:] for line in shown.splitlines()]
+    got = proc.stdout.splitlines()
+    assert got[1:] == expected[1:], "README example output is stale"
+    assert got[0].startswith(expected[0].split("(")[0])
+
+
+def test_a_users_strategy_with_relative_paths(tmp_path):
+    """A strategy and its data in the user's folder, by relative paths, from that folder and from another."""
+    from llfarm.resources import BUILTIN_DATA
+    write(tmp_path / "proj" / "s.yaml", "name: mine\nmodel: {path: 'builtin:tiny-llama'}\n"
+                                        "data: {train: data/qa.jsonl, max_length: 32}\nmethod: {type: freeze}\n")
+    write(tmp_path / "proj" / "data" / "qa.jsonl", BUILTIN_DATA["alpaca"].read_text(encoding="utf-8"))
+    (tmp_path / "other").mkdir()
+    for cwd, ref in ((tmp_path / "proj", "s.yaml"), (tmp_path / "other", "../proj/s.yaml")):
+        proc = llfarm("estimate", ref, "--json", cwd=cwd)
+        assert proc.returncode == 0, proc.stderr
+        data = json.loads(proc.stdout)
+        assert data["method"] == "freeze" and data["sequence"] <= 32 and data["trainable_params"] == 2 * 49_280
