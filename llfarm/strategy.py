@@ -50,7 +50,7 @@ def find_strategy(ref: str, *, relative_to: Path | None = None) -> Path:
     shipped = shipped_strategies()
     if ref in shipped:
         return shipped[ref]
-    if ref.endswith((".yaml", ".yml")) or "/" in ref:
+    if ref.endswith((".yaml", ".yml", ".json")) or "/" in ref:
         raise StrategyError([f"strategy file '{ref}' not found"],
                             hint="check the path, or run `llfarm strategies list` for shipped names")
     raise StrategyError([f"unknown strategy '{ref}'{did_you_mean(ref, shipped)}"],

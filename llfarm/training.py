@@ -195,7 +195,6 @@ def trainer_spec(ctx: CompileContext, steps: int, options: dict[str, Any] | None
     """Everything the shared trainer child needs, as JSON: the strategy mapped once, nothing left implicit."""
     s, run = ctx.strategy, ctx.run
     trainer, config = TRAINERS[s.stage]
-    data = ctx.data
     return {
         "stage": s.stage, "trainer": trainer, "config": config,
         "template": s.template,

@@ -9,10 +9,13 @@ the refusal cannot drift apart. The TrainingArguments come from llfarm's shared 
 
 from __future__ import annotations
 
+import os
 from typing import Annotated, Any
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, create_model
 
+from llfarm.data import token_cache_dir
+from llfarm.models import tokenizer_fingerprint
 from llfarm.training import HF_DEFAULTS, HF_SOURCES, training_arguments
 
 from .data import EVAL_DATASET, TRAIN_DATASET
@@ -34,6 +37,7 @@ OWNED: dict[str, str] = {
     "pref_beta": "preference.beta", "pref_loss": "preference.loss",
     "dataset": "data.train", "eval_dataset": "data.eval", "dataset_dir": "data.train (the run's native/)",
     "template": "template", "cutoff_len": "data.max_length", "default_system": "data.system",
+    "tokenized_path": "llfarm's data cache (keyed by the data, tokenizer, template, cutoff_len and stage)",
     "mask_history": "llfarm (the loss is on the final answer, as on every backend)",
     "disable_gradient_checkpointing": "training.gradient_checkpointing",
     "overwrite_output_dir": "llfarm (resume is explicit)", "resume_from_checkpoint": "`llfarm resume RUN_DIR`",
@@ -45,7 +49,7 @@ DEFAULTS: dict[str, Any] = {
     **{k: v for k, v in HF_DEFAULTS.items() if k not in NOT_SHARED},
     "quantization_method": "bnb", "quantization_type": "nf4", "double_quantization": True,
     "freeze_trainable_modules": "all", "overwrite_cache": True, "save_only_model": False, "plot_loss": False,
-    "ddp_timeout": 180000000,
+    "ddp_timeout": 180000000, "preprocessing_num_workers": None,
 }
 KEEP_NULL = {"resume_from_checkpoint"}   # written even when null: LlamaFactory must never resume on its own
 
@@ -138,6 +142,8 @@ def build_config(ctx, steps: int, template_name: str, options: dict[str, Any]) -
     if s.stage == "sft":
         c.put("dataset", "mask_history", True)   # the loss is on the final answer only, as on the other backends
     c.default("dataset", "overwrite_cache")
+    if ctx.data.n_train >= 10_000:              # LlamaFactory tokenizes in one process unless told
+        c.put("dataset", "preprocessing_num_workers", max(1, min(os.cpu_count() or 1, 8)))
 
     for key, value in training_arguments(ctx, steps).items():
         if key not in NOT_SHARED:
@@ -153,13 +159,19 @@ def build_config(ctx, steps: int, template_name: str, options: dict[str, Any]) -
     c.default("output", "save_only_model")
     c.default("output", "plot_loss")
 
-    options = dict(options)
+    raw = dict(options)
     for section in c.sections.values():          # a raw option overrides one of llfarm's defaults
         for key in list(section):
-            if key in options:
-                section[key] = options.pop(key)
-    if options:
-        c.sections["backend_options.llamafactory"] = options
+            if key in raw:
+                section[key] = raw.pop(key)
+    if raw:
+        c.sections["backend_options.llamafactory"] = raw
+    # LlamaFactory keeps its tokenized dataset here and reuses it: keyed by everything that decides the tokens
+    # (the data selection, the tokenizer, the dataset keys, the stage, the raw options, LlamaFactory's version).
+    decides = {k: v for k, v in c.sections["dataset"].items() if k != "dataset_dir"}
+    c.put("dataset", "tokenized_path", str(token_cache_dir(
+        "llamafactory", ctx.data, tokenizer_fingerprint(ctx.model_path, s.model.revision), decides, s.stage,
+        sorted(options.items()), known()["llamafactory"])))
     return c.sections
 
 

@@ -58,6 +58,8 @@ def main(argv: list[str] | None = None) -> int:
         track_rm_batches(rm_stats)
     tokenizer_saver = TemplateTokenizer(template)
     callbacks = [tokenizer_saver, trainer_callback(opts.metrics)]
+    if args.get("tokenized_path"):
+        callbacks.append(TokenizedComplete(guard_tokenized_path(args["tokenized_path"])))
     if rm_stats is not None:
         callbacks.insert(0, RMLogs(rm_stats))
         callbacks.append(RMTrainAccuracy(rm_stats))
@@ -85,6 +87,31 @@ def main(argv: list[str] | None = None) -> int:
 def _callback_base():
     from transformers import TrainerCallback
     return TrainerCallback
+
+
+TOKENIZED_MARKER = "llfarm-complete"
+
+
+def guard_tokenized_path(path: str) -> Path:
+    """LlamaFactory loads ``tokenized_path`` whenever the folder is not empty, and writes it in place: a run killed
+    while saving leaves half a dataset. A folder without llfarm's marker is such a leftover: remove it, so
+    LlamaFactory tokenizes again."""
+    import shutil
+    folder = Path(path)
+    if folder.exists() and not (folder / TOKENIZED_MARKER).is_file():
+        shutil.rmtree(folder, ignore_errors=True)
+    return folder
+
+
+class TokenizedComplete(_callback_base()):
+    """Marks the tokenized dataset complete once training starts (LlamaFactory has saved it by then)."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+
+    def on_train_begin(self, args, state, control, **kw):
+        if state.is_world_process_zero and self.folder.is_dir():
+            (self.folder / TOKENIZED_MARKER).write_text("complete\n", encoding="utf-8")
 
 
 class TemplateTokenizer(_callback_base()):

@@ -32,9 +32,17 @@ SIGNATURE = {"preference": ("chosen", "rejected"), "messages": ("messages",), "s
 
 
 def detect_format(record: dict[str, Any]) -> str | None:
-    for fmt in ("preference", "messages", "sharegpt", "alpaca", "text"):
-        if all(k in record for k in SIGNATURE[fmt]):
-            return fmt
+    """The format a record's keys say (SIGNATURE, most specific first). Unrolled: it runs once per record."""
+    if "chosen" in record and "rejected" in record:
+        return "preference"
+    if "messages" in record:
+        return "messages"
+    if "conversations" in record:
+        return "sharegpt"
+    if "instruction" in record and "output" in record:
+        return "alpaca"
+    if "text" in record:
+        return "text"
     return None
 
 
@@ -88,8 +96,11 @@ def _require(rec: dict[str, Any], fmt: str, keys: tuple[str, ...], where: str) -
 
 
 def _prompt_text(rec: dict[str, Any], where: str) -> str:
-    text = _text(rec["instruction"], where, "instruction")
-    extra = _text(rec.get("input") or "", where, "input")
+    text = rec["instruction"]
+    extra = rec.get("input") or ""
+    if type(text) is not str or type(extra) is not str:          # noqa: E721 - the fast path is exact str
+        _text(text, where, "instruction")
+        _text(extra, where, "input")
     return f"{text}\n{extra}" if extra else text
 
 
@@ -109,13 +120,16 @@ def normalize(fmt: str, rec: dict[str, Any], where: str, system: str | None) -> 
     if fmt == "text":
         _require(rec, "text", ("text",), where)
         return {"text": _text(rec["text"], where, "text")}
-    if fmt == "alpaca":
+    if fmt == "alpaca":                    # built as user + assistant: nothing more to check
         _require(rec, "alpaca", ("instruction", "output"), where)
         msgs = [{"role": "user", "content": _prompt_text(rec, where)},
                 {"role": "assistant", "content": _text(rec["output"], where, "output")}]
         if rec.get("system"):
             msgs.insert(0, {"role": "system", "content": _text(rec["system"], where, "system")})
-    elif fmt == "messages":
+        elif system:
+            msgs.insert(0, {"role": "system", "content": system})
+        return {"messages": msgs}
+    if fmt == "messages":
         _require(rec, "messages", ("messages",), where)
         msgs = _messages(rec["messages"], where, "messages")
     elif fmt == "sharegpt":
@@ -176,6 +190,8 @@ def shape(msgs: list[dict[str, str]]) -> tuple[bool, bool]:
 def turn_problem(msgs: list[dict[str, str]]) -> str | None:
     """Why the turns do not alternate user/assistant after one optional leading system message (many chat
     templates and LlamaFactory's reader need that), or None."""
+    if len(msgs) == 2 and msgs[0]["role"] == "user":      # the common single turn (it ends with the answer)
+        return None
     body = msgs[1:] if msgs and msgs[0]["role"] == "system" else msgs
     for i, msg in enumerate(body):
         want = "user" if i % 2 == 0 else "assistant"

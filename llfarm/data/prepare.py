@@ -22,6 +22,7 @@ import os
 import random
 import shutil
 from array import array
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -81,9 +82,10 @@ class SourceData:
                 "weight": self.weight}
 
 
-def scan(reader: Reader, *, weight: float, fmt_setting: str, stage_kind: str, system: str | None,
-         columns: dict[str, str], write: bool) -> SourceData:
-    """Check and normalize one source (see the module docstring); from the cache when it is there."""
+def scan(reader: Reader, *, weight: float, fmt_setting: str, stage_kind: str | None, system: str | None,
+         columns: dict[str, str], write: bool, visit: Callable[[dict[str, Any]], None] | None = None) -> SourceData:
+    """Check and normalize one source (see the module docstring); from the cache when it is there. ``visit`` sees
+    every normalized row (from the cache, or as the source is read); ``stage_kind`` None accepts any kind."""
     sha = reader.fingerprint()
     cache_key = digest(NORMALIZER_VERSION, sha, reader.kind, reader.split, reader.text_unit, fmt_setting, system,
                        sorted(columns.items()))
@@ -94,11 +96,15 @@ def scan(reader: Reader, *, weight: float, fmt_setting: str, stage_kind: str, sy
                          kind=meta["kind"], count=meta["count"], cache_key=cache_key, shapes=meta["shapes"],
                          turn_problem=meta["turn_problem"], dir=final)
         check_kind(src.kind, src.format, stage_kind, reader.key)
+        if visit is not None:
+            with open(src.data_path, "rb") as fh:
+                for line in fh:
+                    visit(orjson.loads(line))
         return src
     check_columns(reader, columns)
     tmp = final.parent / f".tmp-{cache_key[:16]}-{os.getpid()}" if write else None
     try:
-        src = _scan(reader, sha, cache_key, weight, fmt_setting, stage_kind, system, columns, tmp)
+        src = _scan(reader, sha, cache_key, weight, fmt_setting, stage_kind, system, columns, tmp, visit)
         if tmp is not None:
             try:
                 os.replace(tmp, final)
@@ -112,8 +118,9 @@ def scan(reader: Reader, *, weight: float, fmt_setting: str, stage_kind: str, sy
         raise
 
 
-def _scan(reader: Reader, sha: str, cache_key: str, weight: float, fmt_setting: str, stage_kind: str,
-          system: str | None, columns: dict[str, str], tmp: Path | None) -> SourceData:
+def _scan(reader: Reader, sha: str, cache_key: str, weight: float, fmt_setting: str, stage_kind: str | None,
+          system: str | None, columns: dict[str, str], tmp: Path | None,
+          visit: Callable[[dict[str, Any]], None] | None) -> SourceData:
     fmt: str | None = None
     first_where = ""
     count = with_system = multi_turn = 0
@@ -145,8 +152,10 @@ def _scan(reader: Reader, sha: str, cache_key: str, weight: float, fmt_setting: 
                                     where=where, hint="a source must use one format throughout")
             row = normalize(fmt, rec, where, system)
             count += 1
+            if visit is not None:
+                visit(row)
             msgs = conversation(row)
-            if msgs:
+            if len(msgs) > 2:                # a single user turn and its answer has one shape, and alternates
                 s, m = shape(msgs)
                 with_system += s
                 multi_turn += m
@@ -178,8 +187,8 @@ def _scan(reader: Reader, sha: str, cache_key: str, weight: float, fmt_setting: 
     return src
 
 
-def check_kind(kind: str, fmt: str, stage_kind: str, key: str) -> None:
-    if kind == stage_kind:
+def check_kind(kind: str, fmt: str, stage_kind: str | None, key: str) -> None:
+    if stage_kind is None or kind == stage_kind:
         return
     if stage_kind == "preference":
         raise DataError(f"this stage needs preference pairs (prompt/chosen/rejected), received {fmt}-format data",
@@ -336,16 +345,10 @@ def select(sources: list[SourceData], eval_sources: list[SourceData], *, seed: i
             train = train[:max_samples]
     evals = _mix(eval_sources, seed) if eval_sources else array("Q")
     if not eval_sources and eval_split > 0:
-        rng = random.Random(seed)
-        idx = list(range(len(train)))
-        rng.shuffle(idx)
-        n_eval = max(1, int(round(len(train) * eval_split)))
-        if n_eval >= len(train):
+        held = held_out(len(train), eval_split, seed)
+        if all(held):
             raise DataError(f"eval_split {eval_split} leaves no training examples out of {len(train)}",
                             where="data.eval_split", hint="lower data.eval_split or add data")
-        held = bytearray(len(train))
-        for i in idx[:n_eval]:
-            held[i] = 1
         evals = array("Q", (g for g, h in zip(train, held, strict=True) if h))
         train = array("Q", (g for g, h in zip(train, held, strict=True) if not h))
     available = len(train)
@@ -360,6 +363,16 @@ def select(sources: list[SourceData], eval_sources: list[SourceData], *, seed: i
     return PreparedData(kind=kinds.pop() if len(kinds) == 1 else "mixed", source_format="+".join(formats),
                         n_train=len(train), n_eval=len(evals), n_available=available, sources=sources,
                         eval_sources=eval_sources, key=key, train_index=train, eval_index=evals)
+
+
+def held_out(n: int, fraction: float, seed: int) -> bytearray:
+    """Which of n examples go to eval (1) — a seeded shuffle, the first round(n·fraction) (at least one)."""
+    idx = list(range(n))
+    random.Random(seed).shuffle(idx)
+    held = bytearray(n)
+    for i in idx[:max(1, int(round(n * fraction)))]:
+        held[i] = 1
+    return held
 
 
 def _mix(sources: list[SourceData], seed: int) -> array:

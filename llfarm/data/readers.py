@@ -79,15 +79,32 @@ class Reader:
 
     # ---- records ------------------------------------------------------------------------------------
     def records(self) -> Iterator[Record]:
-        return {"jsonl": self._jsonl, "json": self._json, "csv": self._csv, "tsv": self._csv,
+        rows = {"jsonl": self._jsonl, "json": self._json, "csv": self._csv, "tsv": self._csv,
                 "parquet": self._parquet_rows, "text": self._text_rows, "textdir": self._text_rows,
                 "arrow": self._dataset_rows, "hub": self._dataset_rows}[self.kind]()
+        if not self.gz:
+            return rows
+        return self._gzip_guarded(rows)
+
+    def _gzip_guarded(self, rows: Iterator[Record]) -> Iterator[Record]:
+        try:
+            yield from rows
+        except (EOFError, gzip.BadGzipFile, zlib_error()) as exc:
+            raise DataError(f"the gzip data is cut short or corrupt ({exc})", where=self.label,
+                            hint="check the file (gzip -t)") from None
 
     def _open(self):
         assert self.path is not None
-        if self.gz:
-            return gzip.open(self.path, "rb")
-        return open(self.path, "rb")
+        if not self.gz:
+            return open(self.path, "rb")
+        f = gzip.open(self.path, "rb")
+        try:
+            f.peek(1)
+        except (OSError, EOFError) as exc:
+            f.close()
+            raise DataError(f"cannot read it as gzip ({exc})", where=self.label,
+                            hint="a .gz file must be gzip-compressed; decompress it or rename it") from None
+        return f
 
     def _text(self):
         import io
@@ -113,24 +130,13 @@ class Reader:
 
     def _json(self) -> Iterator[Record]:
         """A JSON array (its first non-blank character is '['), else JSON lines."""
-        f = self._read_guarded()
+        f = self._open()
         head = f.peek(1 << 16)[: 1 << 16]
         if head.lstrip(BOM).lstrip().startswith(b"["):
             with f:
                 yield from _json_array(f, self.label)
         else:
             yield from self._jsonl(f)
-
-    def _read_guarded(self):
-        f = self._open()
-        if self.gz:
-            try:
-                f.peek(1)
-            except (OSError, EOFError) as exc:
-                f.close()
-                raise DataError(f"cannot read it as gzip ({exc})", where=self.label,
-                                hint="a .gz file must be gzip-compressed; decompress it or rename it") from None
-        return f
 
     def _csv(self) -> Iterator[Record]:
         import csv
@@ -223,6 +229,11 @@ class Reader:
             for values in zip(*(batch[k] for k in keys), strict=True):
                 n += 1
                 yield f"{self.label}[row {n}]", dict(zip(keys, values, strict=True))
+
+
+def zlib_error() -> type[Exception]:
+    import zlib
+    return zlib.error
 
 
 def _json_problem(exc: Exception, what: str) -> str:
