@@ -31,7 +31,6 @@ What "measured" means (``--measure``, :func:`measure`): a real ``llfarm run`` of
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -475,7 +474,7 @@ def estimate(strategy, *, model_path: str, platform: str, precision: str, backen
     else:
         weights = params.total * wbytes
     # LoRA adapters are float32 whatever the base (PEFT's autocast_adapter_dtype); other methods train in place
-    train_bytes = 4 if s.is_peft else (4 if s.model.quantization != "none" else wbytes)
+    train_bytes = 4 if s.is_peft else wbytes
     if s.is_peft and wbytes != 4 and s.model.quantization == "none":
         weights += params.trainable * (4 - wbytes)
     gradients = params.trainable * train_bytes
@@ -599,8 +598,8 @@ def runtime_baseline(prep, env: dict[str, str]) -> int:
     s = prep.resolved.strategy
     argv = [sys.executable, "-m", "llfarm.estimate", "baseline", prep.model_path, s.stage,
             "--peft" if s.is_peft else "--no-peft", *prep.backend.packages]
-    proc = subprocess.run(argv, capture_output=True, text=True, env={**os.environ, **env, **MALLOC_ENV},
-                          timeout=600)
+    proc = subprocess.run(argv, capture_output=True, text=True, check=False, timeout=600,
+                          env={**os.environ, **env, **MALLOC_ENV})
     lines = proc.stdout.strip().splitlines()
     if proc.returncode != 0 or not lines:
         from .errors import TrainingFailed
@@ -622,7 +621,7 @@ def _baseline_child(model_path: str, stage: str, peft: bool, packages: list[str]
     for name in ("datasets", "accelerate", "peft", "trl", *packages):
         try:
             importlib.import_module(name)
-        except Exception:  # noqa: BLE001 - e.g. unsloth without a GPU: the run could not have used it either
+        except Exception:  # noqa: BLE001 - a package that cannot load here could not be in the run either
             pass
     import trl
     from datasets import Dataset, load_from_disk
@@ -665,10 +664,10 @@ def render(est: Estimate, measured: Measured | None = None) -> list[str]:
     share = 100 * est.trainable_params / est.params if est.params else 0.0
     lines = [
         f"model       {est.model} ({est.model_type}; {est.config})",
-        f"parameters  {est.params:,} ({est.params / 1e6:.2f} M); trainable {est.trainable_params:,} ({share:.2f}%): "
-        f"{est.trainable_what}",
-        f"training    {est.stage}, {est.method}, {est.precision} on {est.platform}, weights {est.weights_dtype}; "
-        f"micro-batch {est.batch} × {est.sequence} tokens ({est.sequence_source}); optimizer {est.optimizer}",
+        (f"parameters  {est.params:,} ({est.params / 1e6:.2f} M); trainable {est.trainable_params:,} ({share:.2f}%): "
+         f"{est.trainable_what}"),
+        (f"training    {est.stage}, {est.method}, {est.precision} on {est.platform}, weights {est.weights_dtype}; "
+         f"micro-batch {est.batch} × {est.sequence} tokens ({est.sequence_source}); optimizer {est.optimizer}"),
         "predicted peak memory of the training process:",
         f"  weights      {human(est.weights_bytes):>12}",
         f"  gradients    {human(est.gradients_bytes):>12}",
@@ -680,7 +679,7 @@ def render(est: Estimate, measured: Measured | None = None) -> list[str]:
     if est.platform == "cpu":
         lines.append("  (plus the runtime: Python, torch, transformers — about 0.8 GiB of RSS on CPU; --measure "
                      "measures it)")
-    else:
+    elif est.platform == "cuda":
         lines.append("  (plus the CUDA context, a few hundred MiB, and the caching allocator's spare blocks)")
     lines += [f"note        {n}" for n in est.notes]
     if measured is not None:

@@ -86,7 +86,7 @@ def score(model, tokenizer, template, rows: list[dict[str, Any]], max_length: in
     import torch
 
     from .generate import Generator
-    from .train_common import split_sft, tokenize_sft
+    from .train_common import tokenize_sft
 
     examples, dropped = tokenize_sft(rows, template, tokenizer, max_length)
     nll, right, count = 0.0, 0, 0
@@ -107,7 +107,6 @@ def score(model, tokenizer, template, rows: list[dict[str, Any]], max_length: in
     gen = Generator(model, tokenizer, template)
     answers = []
     for row in rows:
-        prompt, _ = split_sft(template, row["messages"], tokenizer)
         reference = row["messages"][-1]["content"]
         budget = max_new_tokens or len(tokenizer(reference, add_special_tokens=False)["input_ids"]) + 16
         answer = gen.complete(gen.messages_ids(row["messages"][:-1]), max_new_tokens=budget)
@@ -175,8 +174,8 @@ def summary(result: dict[str, Any], shown: str) -> dict[str, Any]:
 def render(result: dict[str, Any], shown_run: str, shown_data: str) -> list[str]:
     d = result["data"]
     m = result["model"]
-    lines = [f"eval {shown_run}: {d['n_examples']} examples from {shown_data} ({m['n_scored']} scored for loss, "
-             f"{m['answer_tokens']} answer tokens)",
+    lines = [(f"eval {shown_run}: {d['n_examples']} examples from {shown_data} ({m['n_scored']} scored for loss, "
+              f"{m['answer_tokens']} answer tokens)"),
              f"{'':<10}{'loss':>9}{'perplexity':>12}{'token acc':>11}{'exact match':>16}"]
     for name in ("model", "baseline"):
         if name in result:

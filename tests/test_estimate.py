@@ -53,7 +53,8 @@ def build(model_type: str, stage: str, method: MethodSpec, *, meta: bool, **over
         from peft import LoraConfig, get_peft_model
         model = get_peft_model(model, LoraConfig(
             r=method.r, lora_alpha=16, lora_dropout=method.dropout, target_modules=lora_targets(method.target_modules),
-            task_type="SEQ_CLS" if stage == "rm" else "CAUSAL_LM", modules_to_save=["score"] if stage == "rm" else None))
+            task_type="SEQ_CLS" if stage == "rm" else "CAUSAL_LM",
+            modules_to_save=["score"] if stage == "rm" else None))
     elif method.type == "freeze":
         freeze_all_but_last(model, method.trainable_layers)
     return model, data
@@ -194,7 +195,8 @@ def test_estimate_imports_no_torch():
     code = ("import sys\nfrom llfarm.cli import cli\n"
             "try:\n    cli(['estimate', 'quickstart'], prog_name='llfarm')\nexcept SystemExit as e:\n"
             "    assert e.code in (0, None), e.code\n"
-            "print('HEAVY', sorted(m for m in ('torch', 'transformers', 'peft', 'trl', 'datasets') if m in sys.modules))")
+            "heavy = ('torch', 'transformers', 'peft', 'trl', 'datasets')\n"
+            "print('HEAVY', sorted(m for m in heavy if m in sys.modules))")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd="/")
     assert proc.returncode == 0, proc.stderr
     assert "HEAVY []" in proc.stdout, proc.stdout[-500:]
