@@ -26,7 +26,7 @@ from llfarm.backend import Backend, Capabilities, CompileContext, NativePlan, Ru
 from llfarm.errors import BackendUnavailable, RunError, UnsupportedError
 from llfarm.platform import Platform
 from llfarm.rundir import atomic_write_text, read_json
-from llfarm.training import TrainerOptions, total_steps, trainer_spec
+from llfarm.training import TrainerFields, options_model, total_steps, trainer_spec
 
 SCRIPT = "train_unsloth.py"
 SPEC = "trainer.json"
@@ -38,14 +38,14 @@ NO_GPU = ("Unsloth trains only on a GPU (NVIDIA CUDA, AMD ROCm or Intel XPU): `i
 _ON_A_GPU = Platform("cuda", "a CUDA GPU", bf16=True)
 
 
-class UnslothOptions(TrainerOptions):
-    """backend_options.unsloth: Unsloth's loader switches, and the TrainingArguments the trainer takes."""
+class UnslothFields(TrainerFields):
+    """backend_options.unsloth: Unsloth's loader switch, and the TrainingArguments the trainer takes."""
     use_gradient_checkpointing: Literal[True, False, "unsloth"] = Field(
         "unsloth", description="Unsloth's offloaded gradient checkpointing (\"unsloth\"), plain (true) or off.")
-    use_rslora: bool = Field(False, description="Rank-stabilised LoRA scaling (alpha / sqrt(r)).")
 
 
-LOADER_OPTIONS = ("use_gradient_checkpointing", "use_rslora")
+UnslothOptions = options_model("UnslothOptions", UnslothFields, moved={"use_rslora": "method.use_rslora"})
+LOADER_OPTIONS = ("use_gradient_checkpointing",)
 
 ENTRY = '''\
 """Unsloth {stage} with {method}, written by llfarm for strategy '{name}'.
@@ -124,12 +124,25 @@ class UnslothBackend(Backend):
             "launcher:accelerate": "llfarm runs Unsloth as one process on one GPU; use --backend pytorch for "
                                    "multi-GPU",
         },
+        unsupported={
+            "method.use_dora": "Unsloth's fast LoRA kernels do not implement DoRA",
+            "training.attention": "Unsloth picks its own attention kernels",
+            "model.quant_type=fp4": "Unsloth's 4-bit loading is NF4",
+            "model.double_quant": "Unsloth's 4-bit loading always double-quantizes",
+        },
     )
 
     # ---- check ---------------------------------------------------------------------------------
     def check(self, strategy, platform: Platform, data=None) -> None:
         """What the strategy asks for first (same answer on any machine), then this machine, then the package."""
         self.check_capabilities(strategy, _ON_A_GPU)
+        from llfarm.platform import resolve_precision
+        from llfarm.training import model_dtype
+        dtype = model_dtype(strategy, resolve_precision(strategy.training.precision, _ON_A_GPU))
+        if strategy.model.compute_dtype not in ("auto", dtype):
+            raise UnsupportedError(f"backend 'unsloth' computes 4-bit layers in the model dtype ({dtype}), not "
+                                   f"model.compute_dtype '{strategy.model.compute_dtype}'", where="model.compute_dtype",
+                                   hint="set model.compute_dtype: auto, or --backend pytorch")
         if strategy.distributed.deepspeed:
             raise UnsupportedError("backend 'unsloth' does not run DeepSpeed", where="distributed.deepspeed",
                                    hint="remove distributed.deepspeed, or use --backend pytorch or llamafactory")
@@ -194,7 +207,8 @@ def unsloth_calls(spec: dict[str, Any], s, loader: dict[str, Any]) -> dict[str, 
             "r": lora["r"], "lora_alpha": lora["lora_alpha"], "lora_dropout": lora["lora_dropout"],
             "target_modules": lora["target_modules"], "bias": lora["bias"],
             "use_gradient_checkpointing": checkpointing, "random_state": spec["args"]["seed"],
-            "use_rslora": loader.get("use_rslora", False)}
+            "use_rslora": lora["use_rslora"], "modules_to_save": lora["modules_to_save"],
+            "layers_to_transform": lora["layers_to_transform"], "init_lora_weights": lora["init_lora_weights"]}
     return calls
 
 

@@ -44,6 +44,9 @@ class Capabilities:
     launchers: frozenset[str] = frozenset({"none"})
     # Stages whose checkpoints `llfarm resume` can continue from (default: every stage).
     resumable: frozenset[str] | None = None
+    # Strategy keys the backend cannot honour: "method.use_dora" (any value but the default) or
+    # "method.init=olora" (that value), each with the reason shown to the user.
+    unsupported: dict[str, str] = field(default_factory=dict)
     # Why something is missing, keyed like "stage:rm", "platform:cpu" or "resume:rm": shown to the user verbatim.
     reasons: dict[str, str] = field(default_factory=dict)
 
@@ -101,6 +104,7 @@ class Backend:
     packages: tuple[str, ...] = ()  # importable modules that must be present to *run*
     distributions: tuple[str, ...] = ()  # libraries whose versions a run's manifest records
     options: type[BaseModel] = NoOptions  # the model of backend_options.<name>
+    importer: Any = None            # llfarm.importers.Importer for `llfarm import --from <name>`, if it has a format
     capabilities: Capabilities
 
     # ---- protocol -------------------------------------------------------------------------
@@ -150,6 +154,24 @@ class Backend:
                 f"{what} ({strategy.quantization} bitsandbytes) needs a CUDA GPU; this machine has "
                 f"{platform.accelerator}",
                 hint="use method.type: lora and model.quantization: none on this machine, or run on a CUDA GPU")
+        from .training import CUDA_ONLY
+        if platform.name != "cuda":
+            for key, (values, why) in CUDA_ONLY.items():
+                value = value_at(strategy, key)
+                if value in values:
+                    raise UnsupportedError(f"{value!r} needs CUDA: {why}; this machine has {platform.accelerator}",
+                                           where=key, hint="choose another value here, or run on a CUDA GPU")
+        for spec, why in caps.unsupported.items():
+            key, _, only = spec.partition("=")
+            value = value_at(strategy, key)
+            if (str(value) == only) if only else value != default_at(key):
+                raise UnsupportedError(f"backend '{self.name}' cannot run {key} = {value!r}: {why}", where=key,
+                                       hint=self._alternatives_hint(spec))
+
+    def _alternatives_hint(self, spec: str) -> str | None:
+        others = [b.name for b in registry().values() if b.name != self.name and
+                  spec not in b.capabilities.unsupported]
+        return ("try " + " or ".join(f"--backend {a}" for a in others)) if others else None
 
     def check_resume(self, strategy: Strategy) -> None:
         resumable = self.capabilities.resumable
@@ -163,6 +185,24 @@ class Backend:
         hint = ("try " + " or ".join(f"--backend {a}" for a in alternatives)) if alternatives else None
         raise UnsupportedError(f"backend '{self.name}' cannot {action or f'run {what} {value!r}'}: {reason}",
                                hint=hint)
+
+
+def value_at(strategy: Strategy, key: str) -> Any:
+    obj: Any = strategy
+    for part in key.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def default_at(key: str) -> Any:
+    """The schema default of a strategy key (training.packing → False)."""
+    from .schema import Strategy
+    model: Any = Strategy
+    parts = key.split(".")
+    for part in parts[:-1]:
+        model = model.model_fields[part].annotation
+    info = model.model_fields[parts[-1]]
+    return info.get_default(call_default_factory=True)
 
 
 def _supports(backend: Backend, what: str, value: str) -> bool:

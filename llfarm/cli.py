@@ -334,6 +334,41 @@ def _do_export(run, formats: list[str], quant: str, out: Path | None, name: str 
         click.echo(f"load it in Ollama: {command}", err=True)
 
 
+# ---------------------------------------------------------------- import
+
+@cli.command("import")
+@click.argument("file", type=click.Path(path_type=Path))
+@click.option("--from", "source", help="The tool the config is for (axolotl, trl, or a backend with a config format; "
+                                       "default: detected).")
+@click.option("--output", "-o", type=click.Path(path_type=Path), help="Default: <stem>.llfarm.yaml here.")
+@click.option("--name", help="The strategy's name (default: the file's stem).")
+@click.option("--force", is_flag=True, help="Replace the output if it exists.")
+def import_(file: Path, source: str | None, output: Path | None, name: str | None, force: bool) -> None:
+    """Turn a peer's training YAML (LlamaFactory, Axolotl, TRL) into an llfarm strategy, listing every key that did
+    not carry over (and why)."""
+    import yaml
+
+    from .errors import StrategyError
+    from .importers import import_file
+    from .rundir import atomic_write_text
+
+    importer, out = import_file(file, source, name)
+    target = output or Path(f"{file.name.split('.')[0]}.llfarm.yaml")
+    if target.exists() and not force:
+        raise StrategyError(["the output exists"], where=str(target), hint="pass --force to replace it, or -o")
+    lines = [f"# llfarm strategy imported from {importer.name}: {file}"]
+    for title, items in (("not mapped", out.not_mapped), ("left to llfarm", out.left_to_llfarm)):
+        if items:
+            lines.append(f"# {title}: " + "; ".join(f"{k} ({v})" for k, v in items.items()))
+    text = "\n".join(lines) + "\n" + yaml.safe_dump(out.strategy, sort_keys=False, allow_unicode=True, width=110)
+    atomic_write_text(target, text)
+    for k, v in out.not_mapped.items():
+        click.echo(f"not mapped: {k} — {v}", err=True)
+    if out.left_to_llfarm:
+        click.echo(f"left to llfarm: {', '.join(out.left_to_llfarm)}", err=True)
+    click.echo(str(target))
+
+
 # ---------------------------------------------------------------- data
 
 @cli.group(cls=LlfarmGroup)

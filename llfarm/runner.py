@@ -148,8 +148,9 @@ def redact_text(text: str) -> str:
 
 # ---------------------------------------------------------------- execution
 
-def child_env(plan: NativePlan) -> dict[str, str]:
+def child_env(plan: NativePlan, extra: dict[str, str] | None = None) -> dict[str, str]:
     env = dict(os.environ)
+    env.update(extra or {})
     env.update(plan.env)
     env.setdefault("PYTHONUNBUFFERED", "1")
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -170,7 +171,9 @@ def execute(ctx: CompileContext, plan: NativePlan, *, verbose: bool = False) -> 
     with open(log_path, "a", encoding="utf-8") as log:
         log.write(f"$ {redact_text(plan.command_line())}\n")
         log.flush()
-        proc = subprocess.Popen(plan.argv, cwd=plan.cwd, env=child_env(plan), stdout=subprocess.PIPE,
+        from .training import tracking_env
+        proc = subprocess.Popen(plan.argv, cwd=plan.cwd, env=child_env(plan, tracking_env(ctx.strategy, run)),
+                                stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, text=True, bufsize=1, start_new_session=True)
 
         def pump() -> None:

@@ -220,6 +220,8 @@ def _describe(err: dict[str, Any], root: type[BaseModel], base: tuple[Any, ...] 
     received = _short(err.get("input"))
     if kind == "llfarm":                     # llfarm's own check, already in the user's words
         return err["msg"]
+    if kind == "llfarm_combination":         # a rule between keys, blamed on the key it names
+        return f"'{err['ctx']['key']}' {err['ctx']['problem']}"
     if kind == "extra_forbidden":
         parent = _model_at(loc[:-1], root)
         hint = did_you_mean(str(loc[-1]), parent.model_fields) if parent else ""
@@ -228,10 +230,14 @@ def _describe(err: dict[str, Any], root: type[BaseModel], base: tuple[Any, ...] 
         return f"'{key}' is required"
     if kind == "literal_error":
         expected = err.get("ctx", {}).get("expected", "")
-        return f"'{key}' must be {expected}, received {received}"
+        value = err.get("input")
+        close = did_you_mean(value, [x.strip(" '") for x in expected.replace(" or ", ",").split(",")]) \
+            if isinstance(value, str) else ""
+        return f"'{key}' must be {expected}, received {received}{close}"
     msg = err["msg"]
     if kind == "value_error":
-        return f"'{key}' {msg.removeprefix('Value error, ')}"
+        msg = msg.removeprefix("Value error, ")
+        return f"'{key}' {msg}" if key else msg
     return f"'{key}' {msg[0].lower() + msg[1:]}, received {received}"
 
 
@@ -288,7 +294,8 @@ def validate(data: dict[str, Any], *, file: Path | None = None,
         return strategy
     found = []
     for err, root, base in errors:
-        key = ".".join(str(p) for p in (*base, *err["loc"]))
+        key = err["ctx"]["key"] if err["type"] == "llfarm_combination" else \
+            ".".join(str(p) for p in (*base, *err["loc"]))
         found.append((_describe(err, root, base), _origin(key, sources)))
     if len(found) == 1:
         problem, origin = found[0]

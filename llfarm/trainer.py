@@ -46,6 +46,8 @@ def run(spec: dict[str, Any], load: Loader | None = None, *, extra_final: dict[s
     evals = tokenized(spec, "eval", template, tokenizer) if spec["data"]["eval"] else None
     trainer = build_trainer(spec, model, tokenizer, train, evals, peft_config,
                             [trainer_callback(spec["outputs"]["metrics"])])
+    if spec.get("loraplus_lr_ratio"):
+        trainer.optimizer = loraplus_optimizer(trainer, spec["loraplus_lr_ratio"])
     result = trainer.train(resume_from_checkpoint=spec["resume_from"])
     save(spec, trainer, tokenizer)
     final = {"global_step": trainer.state.global_step, "train_runtime": result.metrics.get("train_runtime"),
@@ -69,6 +71,8 @@ def load_transformers(spec: dict[str, Any], template) -> tuple[Any, Any, Any]:
     tokenizer = prepare_tokenizer(tokenizer, template)
     kwargs: dict[str, Any] = {"revision": m["revision"], "trust_remote_code": m["trust_remote_code"],
                               "dtype": getattr(torch, m["dtype"])}
+    if m.get("attn_implementation"):
+        kwargs["attn_implementation"] = m["attn_implementation"]
     quant = m["quantization"]
     if quant:
         from transformers import BitsAndBytesConfig
@@ -153,6 +157,18 @@ def build_trainer(spec, model, tokenizer, train, evals, peft_config, callbacks):
     extra = {"ref_model": None} if spec["stage"] == "dpo" else {}   # dpo: the reference is the base model
     return trainer_cls(model=model, args=config_cls(**spec["args"]), train_dataset=train, eval_dataset=evals,
                        processing_class=tokenizer, peft_config=peft_config, callbacks=callbacks, **extra)
+
+
+def loraplus_optimizer(trainer, ratio: float):
+    """LoRA+ (PEFT's create_loraplus_optimizer): the adapters' B matrices learn ``ratio`` times faster than A, with
+    the optimizer class and arguments training.optimizer names. The trainer builds its scheduler around it."""
+    from peft.optimizers import create_loraplus_optimizer
+    from transformers import Trainer
+
+    cls, kwargs = Trainer.get_optimizer_cls_and_kwargs(trainer.args, trainer.model)
+    kwargs = {k: v for k, v in kwargs.items() if k != "lr"}
+    return create_loraplus_optimizer(model=trainer.model, optimizer_cls=cls, lr=trainer.args.learning_rate,
+                                     loraplus_lr_ratio=ratio, weight_decay=trainer.args.weight_decay, **kwargs)
 
 
 # ---------------------------------------------------------------- outputs

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import Field
 
-from .schema import Section
+from .schema import BNB_OPTIMIZERS, Section
 
 if TYPE_CHECKING:
     from .backend import CompileContext
@@ -44,34 +44,65 @@ HF_SOURCES = {
     "eval_strategy": "training.eval_every (and eval data)", "eval_steps": "training.eval_every",
     "bf16": "training.precision", "fp16": "training.precision", "use_cpu": "training.precision (the platform)",
     "gradient_checkpointing": "training.gradient_checkpointing", "deepspeed": "distributed.deepspeed",
+    "optim": "training.optimizer", "adam_beta1": "training.adam_beta1", "adam_beta2": "training.adam_beta2",
+    "adam_epsilon": "training.adam_epsilon", "warmup_steps": "training.warmup_steps", "tf32": "training.tf32",
+    "train_sampling_strategy": "training.group_by_length", "dataloader_num_workers": "training.dataloader_workers",
+    "neftune_noise_alpha": "training.neftune_alpha", "report_to": "tracking.report_to",
+    "run_name": "tracking.run_name",
 }
 # TrainingArguments llfarm sets to its own defaults; a backend's raw options may override them.
 HF_DEFAULTS: dict[str, Any] = {
     "logging_first_step": True,                 # metrics.jsonl starts at step 1
-    "report_to": "none",                        # llfarm's own metrics.jsonl, no tracker unless asked
     "disable_tqdm": True,                       # llfarm draws the progress bar
-    "dataloader_num_workers": 0,
     "remove_unused_columns": False,             # the datasets carry exactly the columns the trainer needs
     "include_num_input_tokens_seen": True,      # tokens/s in metrics.jsonl
 }
+# Values that need CUDA (bitsandbytes optimizers, TF32, flash attention), refused elsewhere before anything starts.
+CUDA_ONLY = {
+    "training.optimizer": (BNB_OPTIMIZERS, "bitsandbytes' 8-bit and paged optimizers need a CUDA GPU"),
+    "training.tf32": (frozenset({True}), "TF32 is a CUDA (Ampere and newer) matmul mode"),
+    "training.attention": (frozenset({"flash_attention_2"}), "flash-attention 2 needs a CUDA GPU"),
+}
 
 
-class TrainerOptions(Section):
+def refusing(sources: dict[str, str]) -> dict[str, Any]:
+    """Pydantic fields for native keys llfarm sets itself: a value given for one is refused, naming the strategy
+    field it comes from (or saying llfarm owns it). For a backend's options model (create_model)."""
+    from typing import Annotated
+
+    from pydantic import AfterValidator
+
+    from .strategy import strategy_keys
+
+    def refuse(source: str):
+        def check(value: Any) -> Any:
+            if source.split(" ")[0] in strategy_keys():
+                raise ValueError(f"comes from the strategy field {source}: set that instead")
+            raise ValueError(f"is llfarm's to set ({source}): remove it")
+        return AfterValidator(check)
+
+    return {key: (Annotated[Any, refuse(source)], Field(None, validate_default=False))
+            for key, source in sources.items()}
+
+
+class TrainerFields(Section):
     """Extra TrainingArguments a backend's ``backend_options`` may pass to a Hugging Face trainer."""
-    optim: str | None = Field(None, description="Optimizer name (adamw_torch, adafactor, sgd, ...).")
     lr_scheduler_kwargs: dict[str, Any] | None = Field(None, description="Extra scheduler arguments.")
-    dataloader_num_workers: int | None = Field(None, ge=0, description="Data loading processes.")
     gradient_checkpointing_kwargs: dict[str, Any] | None = Field(None, description="e.g. use_reentrant.")
     torch_compile: bool | None = Field(None, description="torch.compile the model.")
-    neftune_noise_alpha: float | None = Field(None, ge=0, description="NEFTune embedding noise.")
     label_smoothing_factor: float | None = Field(None, ge=0, lt=1, description="Label smoothing.")
-    adam_beta1: float | None = Field(None, ge=0, lt=1, description="Adam beta1.")
-    adam_beta2: float | None = Field(None, ge=0, lt=1, description="Adam beta2.")
-    adam_epsilon: float | None = Field(None, gt=0, description="Adam epsilon.")
 
-    def given(self) -> dict[str, Any]:
-        """Only what the strategy set (unset options keep the library defaults)."""
-        return self.model_dump(exclude_unset=True)
+
+def options_model(name: str, base: type[Section] = TrainerFields,
+                  moved: dict[str, str] | None = None) -> type[Section]:
+    """``base``'s options, and a refusal for every TrainingArguments key a strategy field sets (and for options
+    that became strategy fields, ``moved``)."""
+    from pydantic import create_model
+    owned = {k: v for k, v in {**HF_SOURCES, **(moved or {})}.items() if k not in base.model_fields}
+    return create_model(name, __base__=base, **refusing(owned))
+
+
+TrainerOptions = options_model("TrainerOptions")
 
 
 # ---------------------------------------------------------------- pieces
@@ -123,8 +154,19 @@ def training_arguments(ctx: CompileContext, steps: int) -> dict[str, Any]:
         "eval_strategy": "steps" if has_eval else "no", "eval_steps": eval_steps(s, steps) if has_eval else None,
         "bf16": ctx.precision == "bf16", "fp16": ctx.precision == "fp16", "use_cpu": ctx.platform.name == "cpu",
         "gradient_checkpointing": tr.gradient_checkpointing,
+        "optim": tr.optimizer, "adam_beta1": tr.adam_beta1, "adam_beta2": tr.adam_beta2,
+        "adam_epsilon": tr.adam_epsilon, "warmup_steps": tr.warmup_steps,
+        "train_sampling_strategy": "group_by_length" if tr.group_by_length else "random",
+        "dataloader_num_workers": tr.dataloader_workers,
+        "report_to": list(s.tracking.report_to) or "none",
         **HF_DEFAULTS,
     }
+    if tr.tf32 is not None:
+        args["tf32"] = tr.tf32
+    if tr.neftune_alpha is not None:
+        args["neftune_noise_alpha"] = tr.neftune_alpha
+    if s.tracking.report_to:
+        args["run_name"] = s.tracking.run_name or ctx.run.root.name
     if s.distributed.deepspeed:
         args["deepspeed"] = str(ctx.run.native / "deepspeed.json")
     assert set(args) <= set(HF_SOURCES) | set(HF_DEFAULTS), set(args) - set(HF_SOURCES) - set(HF_DEFAULTS)
@@ -136,7 +178,8 @@ def stage_arguments(s: Strategy) -> dict[str, Any]:
     n = s.data.max_length
     if s.stage == "sft":
         # Pre-tokenized with a completion mask (llfarm.train_common): the loss is on the final answer only.
-        return {"max_length": n, "completion_only_loss": True, "packing": False,
+        # Packing: TRL's best-fit-decreasing packing of the tokenized examples into max_length sequences.
+        return {"max_length": n, "completion_only_loss": True, "packing": s.training.packing,
                 "dataset_kwargs": {"skip_prepare_dataset": False}}
     if s.stage == "dpo":
         return {"beta": s.preference.beta, "loss_type": s.preference.loss, "max_length": n,
@@ -153,18 +196,24 @@ def lora_arguments(s: Strategy) -> dict[str, Any] | None:
     if not s.is_peft:
         return None
     m, rm = s.method, s.stage == "rm"
+    # a reward model's score head is new: it trains in full beside the adapter
+    save = [*(["score"] if rm else []), *(m.modules_to_save or [])]
     return {"r": m.r, "lora_alpha": m.alpha, "lora_dropout": m.dropout,
-            "target_modules": lora_targets(m.target_modules), "bias": "none",
-            "task_type": "SEQ_CLS" if rm else "CAUSAL_LM",
-            # a reward model's score head is new: it trains in full beside the adapter
-            "modules_to_save": ["score"] if rm else None}
+            "target_modules": lora_targets(m.target_modules), "bias": m.bias,
+            "task_type": "SEQ_CLS" if rm else "CAUSAL_LM", "modules_to_save": save or None,
+            "layers_to_transform": m.layers_to_transform, "use_dora": m.use_dora, "use_rslora": m.use_rslora,
+            "init_lora_weights": LORA_INIT[m.init]}
+
+
+LORA_INIT = {"default": True, "pissa": "pissa", "olora": "olora", "gaussian": "gaussian"}
 
 
 def quantization_arguments(s: Strategy) -> dict[str, Any] | None:
     """transformers.BitsAndBytesConfig kwargs for load-time quantization (None: full-precision weights)."""
+    m = s.model
     if s.quantization == "4bit":
-        return {"load_in_4bit": True, "bnb_4bit_quant_type": "nf4", "bnb_4bit_use_double_quant": True,
-                "bnb_4bit_compute_dtype": "bfloat16"}
+        return {"load_in_4bit": True, "bnb_4bit_quant_type": m.quant_type, "bnb_4bit_use_double_quant": m.double_quant,
+                "bnb_4bit_compute_dtype": "bfloat16" if m.compute_dtype == "auto" else m.compute_dtype}
     if s.quantization == "8bit":
         return {"load_in_8bit": True}
     return None
@@ -202,7 +251,9 @@ def trainer_spec(ctx: CompileContext, steps: int, options: dict[str, Any] | None
         "model": {"path": ctx.model_path, "revision": s.model.revision,
                   "trust_remote_code": s.model.trust_remote_code, "dtype": model_dtype(s, ctx.precision),
                   "task": "sequence_classification" if s.stage == "rm" else "causal_lm",
+                  "attn_implementation": None if s.training.attention == "auto" else s.training.attention,
                   "quantization": quantization_arguments(s)},
+        "loraplus_lr_ratio": s.method.loraplus_lr_ratio,
         "peft": lora_arguments(s),
         "freeze": {"trainable_layers": s.method.trainable_layers} if s.method.type == "freeze" else None,
         "args": {**training_arguments(ctx, steps), **stage_arguments(s), **(options or {})},
@@ -242,3 +293,21 @@ def write_deepspeed(ctx: CompileContext) -> None:
         raise StrategyError([f"DeepSpeed config not found: {spec}"], where="distributed.deepspeed",
                             hint="use zero2, zero3, or a path to a DeepSpeed JSON file")
     atomic_write_text(path, src.read_text(encoding="utf-8"))
+
+
+def tracking_env(s: Strategy, run) -> dict[str, str]:
+    """Where trackers write: all under the run directory (logs/), wandb offline unless WANDB_MODE says otherwise."""
+    import os
+    t = s.tracking
+    env: dict[str, str] = {}
+    if "tensorboard" in t.report_to:       # transformers 5 reads the folder from here (logging_dir is deprecated)
+        env["TENSORBOARD_LOGGING_DIR"] = str(run.logs / "tensorboard")
+    if "wandb" in t.report_to:
+        env.update(WANDB_DIR=str(run.logs), WANDB_PROJECT=t.project or s.name, WANDB_SILENT="true")
+        if "WANDB_MODE" not in os.environ:
+            env["WANDB_MODE"] = "offline"
+    if "mlflow" in t.report_to:
+        # a local file store under the run directory (MLflow 3.17 wants the opt-in for its file store)
+        env.update(MLFLOW_TRACKING_URI=(run.logs / "mlruns").as_uri(), MLFLOW_EXPERIMENT_NAME=t.project or s.name,
+                   MLFLOW_ALLOW_FILE_STORE="true")
+    return env

@@ -241,3 +241,15 @@ def test_validate_reads_only(tmp_path):
     before = set(cache_root().rglob("*"))
     prepare(resolve("quickstart", [f"data.train={path}"]).strategy, write=False)
     assert set(cache_root().rglob("*")) == before
+
+
+@pytest.mark.parametrize("row", [
+    {"messages": [{"role": "user", "content": "Q?"}], "chosen": {"role": "assistant", "content": "good"},
+     "rejected": {"role": "assistant", "content": "bad"}},
+    {"conversations": [{"from": "human", "value": "Q?"}], "chosen": {"from": "gpt", "value": "good"},
+     "rejected": {"from": "gpt", "value": "bad"}},
+])
+def test_ranking_form_preference_pairs(tmp_path, row):
+    """LlamaFactory's / ShareGPT's ranking form reads as the same pair."""
+    fmt, rows = load(jsonl(tmp_path, [row]), stage="dpo")
+    assert rows[0] == {"prompt": [{"role": "user", "content": "Q?"}], "chosen": "good", "rejected": "bad"}

@@ -26,6 +26,7 @@ from llfarm.training import DTYPES, total_steps
 
 from .config import TRAIN_YAML, build_config, options_model, render_yaml
 from .data import DATASET_INFO, check_turns, write_datasets
+from .importer import IMPORTER
 from .parity import conversation_cases, lf_template_for
 
 __all__ = ["DATASET_INFO", "TRAIN_YAML", "LlamaFactoryBackend", "backend"]
@@ -50,6 +51,12 @@ class LlamaFactoryBackend(Backend):
         platforms=frozenset({"cpu", "cuda"}),
         launchers=frozenset({"none", "torchrun"}),
         resumable=frozenset({"sft", "dpo"}),
+        unsupported={
+            "method.bias": "LlamaFactory 0.9.5 trains LoRA without biases",
+            "method.layers_to_transform": "LlamaFactory 0.9.5 puts adapters on every layer it targets",
+            "method.init=olora": "LlamaFactory 0.9.5 initialises LoRA by default or with PiSSA only",
+            "method.init=gaussian": "LlamaFactory 0.9.5 initialises LoRA by default or with PiSSA only",
+        },
         reasons={
             "platform:mps": "llfarm has not verified LlamaFactory 0.9.5 on Apple MPS; the pytorch backend has",
             "launcher:accelerate": "LlamaFactory launches multi-process training through torchrun; "
@@ -60,6 +67,8 @@ class LlamaFactoryBackend(Backend):
                          "start a new run",
         },
     )
+
+    importer = IMPORTER                 # `llfarm import --from llamafactory`
 
     @property
     def options(self):                  # built from keys.json on first use
@@ -85,6 +94,14 @@ class LlamaFactoryBackend(Backend):
                 f"no setting for model.dtype '{s.model.dtype}'", where="model.dtype",
                 hint=f"set model.dtype: auto, or training.precision: {PRECISION_OF[s.model.dtype]}, or use "
                      "--backend pytorch")
+        if s.model.compute_dtype not in ("auto", DTYPES[precision]):
+            raise UnsupportedError(f"LlamaFactory computes 4-bit layers in training.precision ({precision}), not "
+                                   f"model.compute_dtype '{s.model.compute_dtype}'", where="model.compute_dtype",
+                                   hint=f"set model.compute_dtype: auto or {DTYPES[precision]}, or --backend pytorch")
+        if s.method.init == "pissa" and s.quantization != "none":
+            raise UnsupportedError("LlamaFactory 0.9.5 cannot initialise PiSSA on a quantized model (its own "
+                                   "scripts/pissa_init.py does that first)", where="method.init",
+                                   hint="use method.init: default with QLoRA, or --backend pytorch")
         if s.distributed.deepspeed:
             raise UnsupportedError("llfarm does not write DeepSpeed configs for LlamaFactory yet",
                                    where="distributed.deepspeed",

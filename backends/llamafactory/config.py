@@ -10,21 +10,24 @@ the refusal cannot drift apart. The TrainingArguments come from llfarm's shared 
 from __future__ import annotations
 
 import os
-from typing import Annotated, Any
+from typing import Any
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, create_model
+from pydantic import BaseModel, ConfigDict, create_model
 
 from llfarm.data import token_cache_dir
 from llfarm.models import tokenizer_fingerprint
-from llfarm.training import HF_DEFAULTS, HF_SOURCES, training_arguments
+from llfarm.training import HF_DEFAULTS, HF_SOURCES, refusing, training_arguments
 
 from .data import EVAL_DATASET, TRAIN_DATASET
 from .keys import known
 
 TRAIN_YAML = "llamafactory_train.yaml"
 
-# Shared TrainingArguments LlamaFactory does not take from llfarm: it has its own switch or sets them itself.
-NOT_SHARED = {"gradient_checkpointing", "remove_unused_columns"}
+# Shared TrainingArguments LlamaFactory does not take from llfarm: it has its own switch (disable_gradient_
+# checkpointing, neftune_alpha) or sets them itself.
+NOT_SHARED = {"gradient_checkpointing", "remove_unused_columns", "neftune_noise_alpha"}
+# training.attention → LlamaFactory's flash_attn
+FLASH_ATTN = {"auto": "auto", "sdpa": "sdpa", "eager": "disabled", "flash_attention_2": "fa2"}
 
 # LlamaFactory keys that come from a strategy field or from llfarm's wiring of the run directory.
 OWNED: dict[str, str] = {
@@ -40,6 +43,10 @@ OWNED: dict[str, str] = {
     "tokenized_path": "llfarm's data cache (keyed by the data, tokenizer, template, cutoff_len and stage)",
     "mask_history": "llfarm (the loss is on the final answer, as on every backend)",
     "disable_gradient_checkpointing": "training.gradient_checkpointing",
+    "flash_attn": "training.attention", "neftune_alpha": "training.neftune_alpha", "packing": "training.packing",
+    "quantization_type": "model.quant_type", "double_quantization": "model.double_quant",
+    "use_dora": "method.use_dora", "use_rslora": "method.use_rslora", "pissa_init": "method.init",
+    "loraplus_lr_ratio": "method.loraplus_lr_ratio", "additional_target": "method.modules_to_save",
     "overwrite_output_dir": "llfarm (resume is explicit)", "resume_from_checkpoint": "`llfarm resume RUN_DIR`",
     # never written (the core does their job once, for every backend), refused all the same
     "max_samples": "data.max_samples", "val_size": "data.eval_split", "logging_dir": "the run directory",
@@ -47,24 +54,11 @@ OWNED: dict[str, str] = {
 # Keys llfarm writes with its own default values; raw options may override these.
 DEFAULTS: dict[str, Any] = {
     **{k: v for k, v in HF_DEFAULTS.items() if k not in NOT_SHARED},
-    "quantization_method": "bnb", "quantization_type": "nf4", "double_quantization": True,
+    "quantization_method": "bnb",
     "freeze_trainable_modules": "all", "overwrite_cache": True, "save_only_model": False, "plot_loss": False,
     "ddp_timeout": 180000000, "preprocessing_num_workers": None,
 }
 KEEP_NULL = {"resume_from_checkpoint"}   # written even when null: LlamaFactory must never resume on its own
-
-
-def _strategy_field(source: str) -> bool:
-    from llfarm.strategy import strategy_keys
-    return source.split(" ")[0] in strategy_keys()
-
-
-def _refuse(source: str):
-    def check(value: Any) -> Any:
-        if _strategy_field(source):
-            raise ValueError(f"comes from the strategy field {source}: set that instead")
-        raise ValueError(f"is llfarm's to set ({source}): remove it")
-    return AfterValidator(check)
 
 
 _OPTIONS: type[BaseModel] | None = None
@@ -75,8 +69,7 @@ def options_model() -> type[BaseModel]:
     global _OPTIONS
     if _OPTIONS is None:
         fields: dict[str, Any] = {key: (Any, None) for key in known()["keys"]}
-        for key, source in OWNED.items():
-            fields[key] = (Annotated[Any, _refuse(source)], None)
+        fields.update(refusing(OWNED))
         _OPTIONS = create_model("LlamaFactoryOptions", __config__=ConfigDict(extra="forbid"), **fields)
         _OPTIONS.HINT = (f"keys are LlamaFactory {known()['llamafactory']}'s config keys "
                          "(backends/llamafactory/keys.json)")
@@ -112,8 +105,9 @@ def build_config(ctx, steps: int, template_name: str, options: dict[str, Any]) -
         c.put("model", "quantization_bit", 4 if s.quantization == "4bit" else 8)
         c.default("model", "quantization_method")
         if s.quantization == "4bit":
-            c.default("model", "quantization_type")
-            c.default("model", "double_quantization")
+            c.put("model", "quantization_type", s.model.quant_type)
+            c.put("model", "double_quantization", s.model.double_quant)
+    c.put("model", "flash_attn", FLASH_ATTN[s.training.attention])
 
     c.put("method", "stage", s.stage)
     c.put("method", "do_train", True)
@@ -123,6 +117,15 @@ def build_config(ctx, steps: int, template_name: str, options: dict[str, Any]) -
         c.put("method", "lora_alpha", m.alpha)
         c.put("method", "lora_dropout", m.dropout)
         c.put("method", "lora_target", "all" if m.target_modules == "all" else ",".join(m.target_modules))
+        if m.use_dora:
+            c.put("method", "use_dora", True)
+        if m.use_rslora:
+            c.put("method", "use_rslora", True)
+        if m.init == "pissa":
+            c.put("method", "pissa_init", True)
+        c.put("method", "loraplus_lr_ratio", m.loraplus_lr_ratio)
+        if m.modules_to_save:
+            c.put("method", "additional_target", ",".join(m.modules_to_save))
     elif m.type == "freeze":
         c.put("method", "freeze_trainable_layers", m.trainable_layers)
         c.default("method", "freeze_trainable_modules")
@@ -141,6 +144,8 @@ def build_config(ctx, steps: int, template_name: str, options: dict[str, Any]) -
     c.put("dataset", "cutoff_len", d.max_length)
     if s.stage == "sft":
         c.put("dataset", "mask_history", True)   # the loss is on the final answer only, as on the other backends
+        if s.training.packing:
+            c.put("dataset", "packing", True)
     c.default("dataset", "overwrite_cache")
     if ctx.data.n_train >= 10_000:              # LlamaFactory tokenizes in one process unless told
         c.put("dataset", "preprocessing_num_workers", max(1, min(os.cpu_count() or 1, 8)))
@@ -151,6 +156,7 @@ def build_config(ctx, steps: int, template_name: str, options: dict[str, Any]) -
     # LlamaFactory turns gradient checkpointing on by default; llfarm's default is off.
     c.put("training (llfarm's shared TrainingArguments)", "disable_gradient_checkpointing",
           not s.training.gradient_checkpointing)
+    c.put("training (llfarm's shared TrainingArguments)", "neftune_alpha", s.training.neftune_alpha)
     if s.distributed.launcher == "torchrun":
         c.default("training (llfarm's shared TrainingArguments)", "ddp_timeout")
 

@@ -5,6 +5,8 @@
     sharegpt    {"conversations": [{"from": human|gpt|system, "value"}, ...], "system" (optional)}
     preference  {"prompt": str|messages, "chosen": str|messages, "rejected": str|messages}
                 or alpaca-style {"instruction", "input", "chosen", "rejected"}
+                or ranking-style (LlamaFactory, ShareGPT) {"messages"|"conversations": prompt, "chosen": message,
+                "rejected": message}
     text        {"text": str}                     (plain text files become this)
 
 Normalized (what every backend reads):
@@ -146,9 +148,13 @@ def normalize(fmt: str, rec: dict[str, Any], where: str, system: str | None) -> 
 
 
 def _preference(rec: dict[str, Any], where: str, system: str | None) -> dict[str, Any]:
+    sharegpt = "conversations" in rec and "prompt" not in rec
     if "prompt" in rec:
         p = rec["prompt"]
         prompt = [{"role": "user", "content": p}] if isinstance(p, str) else _messages(p, where, "prompt")
+    elif "messages" in rec or sharegpt:      # ranking form: the prompt's messages, one answer message each
+        prompt = (_messages(rec["conversations"], where, "conversations", "from", "value", SHAREGPT_ROLES)
+                  if sharegpt else _messages(rec["messages"], where, "messages"))
     elif "instruction" in rec:
         prompt = [{"role": "user", "content": _prompt_text(rec, where)}]
         if rec.get("system"):
@@ -164,8 +170,11 @@ def _preference(rec: dict[str, Any], where: str, system: str | None) -> dict[str
     out: dict[str, Any] = {"prompt": prompt}
     for k in ("chosen", "rejected"):
         v = rec[k]
+        if isinstance(v, dict):               # one answer message (ranking form)
+            v = [v]
         if isinstance(v, list):
-            msgs = _messages(v, where, k)
+            msgs = (_messages(v, where, k, "from", "value", SHAREGPT_ROLES) if sharegpt or (v and "from" in v[0])
+                    else _messages(v, where, k))
             if msgs[-1]["role"] != "assistant":
                 raise DataError(f"'{k}' must end with an assistant message", where=where)
             v = msgs[-1]["content"]
