@@ -7,8 +7,8 @@ the memory of one training process on one device is counted from it:
     weights      every parameter at its load dtype; qlora: NF4 4-bit decoder linears (0.516 byte/parameter with
                  double quantization) and the rest in float32 (PEFT's prepare_model_for_kbit_training casts it)
     gradients    one per trainable parameter, in its dtype
-    optimizer    AdamW (transformers' default, adamw_torch_fused): two states per trainable parameter;
-                 ``backend_options.<backend>.optim`` changes it (8-bit: 2 bytes, sgd: none, adafactor: ~none)
+    optimizer    by training.optimizer: AdamW (adamw_torch_fused, the default) keeps two states per trainable
+                 parameter, 8-bit AdamW 2 bytes, adagrad/rmsprop one state, sgd and adafactor (factored) ~none
     activations  the tensors autograd keeps for backward at the longest batch (counted per operation of the
                  decoder layer, see :func:`layer_activation_elements`), plus the logits and the loss's copies of them
     peak         weights + optimizer + max(gradients, activations + lm_head gradient): gradients are allocated while
@@ -403,11 +403,12 @@ def longest_example(rows: list[dict[str, Any]], kind: str, template_name: str, t
 
 # ---------------------------------------------------------------- the estimate
 
-# Optimizer state per trainable parameter, by a substring of transformers' optim name (first match wins):
-# a number of bytes, or a multiple of the parameter's own size.
-OPTIMIZER_STATE: tuple[tuple[str, float, str], ...] = (
-    ("8bit", 2.0, "bytes"), ("sgd", 0.0, "bytes"), ("adafactor", 0.0, "bytes"), ("lion", 1.0, "times"),
-    ("adam", 2.0, "times"))
+# Optimizer state per trainable parameter, by training.optimizer (transformers' names): (multiple of the
+# parameter's own size, fixed bytes). Factored Adafactor keeps rows + columns per matrix: counted as none.
+OPTIMIZER_STATE: dict[str, tuple[float, float]] = {
+    "adamw_torch_fused": (2, 0), "adamw_torch": (2, 0), "paged_adamw_32bit": (2, 0), "ademamix": (3, 0),
+    "adamw_8bit": (0, 2), "paged_adamw_8bit": (0, 2), "lion_8bit": (0, 1), "paged_lion_8bit": (0, 1),
+    "adagrad": (1, 0), "rmsprop": (1, 0), "sgd": (0, 0), "adafactor": (0, 0)}
 
 
 @dataclass
@@ -441,16 +442,15 @@ class Estimate:
         return out
 
 
-def optimizer_state_bytes(optim: str | None, param_bytes: int) -> tuple[float, str]:
+def optimizer_state_bytes(optim: str, param_bytes: int) -> tuple[float, str]:
     """(bytes of optimizer state per trainable parameter, the optimizer's name as shown)."""
-    name = (optim or "adamw_torch_fused").lower()
-    for key, amount, unit in OPTIMIZER_STATE:
-        if key in name:
-            return (amount * param_bytes if unit == "times" else amount), name
-    return 2.0 * param_bytes, f"{name} (counted as AdamW: two states per parameter)"
+    if optim in OPTIMIZER_STATE:
+        times, fixed = OPTIMIZER_STATE[optim]
+        return times * param_bytes + fixed, optim
+    return 2.0 * param_bytes, f"{optim} (counted as AdamW: two states per parameter)"
 
 
-def estimate(strategy, *, model_path: str, platform: str, precision: str, backend: str,
+def estimate(strategy, *, model_path: str, platform: str, precision: str,
              train_rows: list[dict[str, Any]] | None = None, data_kind: str = "sft") -> Estimate:
     """Predict parameters and peak memory for ``strategy`` (a validated Strategy) on ``platform``."""
     s = strategy
@@ -478,8 +478,7 @@ def estimate(strategy, *, model_path: str, platform: str, precision: str, backen
     if s.is_peft and wbytes != 4 and s.model.quantization == "none":
         weights += params.trainable * (4 - wbytes)
     gradients = params.trainable * train_bytes
-    optim = (s.backend_options.get(backend) or {}).get("optim")
-    per_param, optim_name = optimizer_state_bytes(optim, train_bytes)
+    per_param, optim_name = optimizer_state_bytes(s.training.optimizer, train_bytes)
     optimizer = params.trainable * per_param
     if s.stage == "dpo" and not s.is_peft:
         weights += (params.total) * wbytes      # TRL keeps a frozen copy of the model as the reference
@@ -521,7 +520,7 @@ def predict(resolved, backend: str | None = None) -> Estimate:
     from .runner import prepare_run
     prep = prepare_run(resolved, backend, plan=True)
     return estimate(resolved.strategy, model_path=prep.model_path, platform=prep.platform.name,
-                    precision=prep.precision, backend=prep.backend.name, train_rows=list(prep.data.rows("train")),
+                    precision=prep.precision, train_rows=list(prep.data.rows("train")),
                     data_kind=prep.data.kind)
 
 

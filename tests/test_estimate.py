@@ -181,8 +181,10 @@ def test_estimate_follows_precision_optimizer_and_method():
     base = predict(resolve("quickstart", ["method.type=full"]))
     half = predict(resolve("quickstart", ["method.type=full", "training.precision=bf16"]))
     assert half.weights_bytes == base.weights_bytes // 2 and half.optimizer_bytes == base.optimizer_bytes // 2
-    sgd = predict(resolve("quickstart", ["method.type=full", "backend_options.pytorch.optim=sgd"]))
+    sgd = predict(resolve("quickstart", ["method.type=full", "training.optimizer=sgd"]))
     assert sgd.optimizer_bytes == 0 and sgd.optimizer == "sgd"
+    rms = predict(resolve("quickstart", ["method.type=full", "training.optimizer=rmsprop"]))
+    assert rms.optimizer_bytes == base.optimizer_bytes // 2
     ckpt = predict(resolve("quickstart", ["method.type=full", "training.gradient_checkpointing=true"]))
     assert ckpt.activations_bytes < base.activations_bytes
     frozen = predict(resolve("quickstart", ["method.type=freeze", "method.trainable_layers=1"]))
