@@ -526,6 +526,58 @@ def data_convert(file: str, target: str, fmt: str, output: Path | None, force: b
     click.echo(f"{out}: {convert_file(reader, target, fmt, {}, out)} records")
 
 
+# ---------------------------------------------------------------- run lifecycle: estimate, eval
+
+@cli.command()
+@click.argument("strategy")
+@click.option("--backend", "-b", help=BACKEND_HELP)
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help=SET_HELP)
+@click.option("--measure", is_flag=True,
+              help="Also train a few real steps (llfarm run into a temporary folder) and print measured vs predicted.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object (predicted_peak_bytes, "
+                                                      "measured_peak_bytes with --measure, the breakdown).")
+def estimate(strategy: str, backend: str | None, overrides: tuple[str, ...], measure: bool, as_json: bool) -> None:
+    """Parameters, trainable parameters and peak training memory (weights, gradients, optimizer state,
+    activations) from the model's config.json alone: no weights are read, nothing is downloaded but a hub
+    model's config.json. --measure trains 3 steps and compares."""
+    import json
+
+    from . import estimate as est
+    from .strategy import resolve
+    res = resolve(strategy, overrides)
+    prediction = est.predict(res, backend)
+    measured = est.measure(strategy, overrides, backend, verbose=False) if measure else None
+    if as_json:
+        click.echo(json.dumps(est.as_json(prediction, measured), indent=2))
+    else:
+        for line in est.render(prediction, measured):
+            click.echo(line)
+
+
+@cli.command("eval")
+@click.argument("run_dir", type=click.Path(path_type=Path))
+@click.option("--data", "-d", help="SFT data to score (a .jsonl/.json file or builtin:NAME; default: the run's eval data).")
+@click.option("--baseline", is_flag=True, help="Score the base model too, so the gain is visible.")
+@click.option("--max-new-tokens", type=click.IntRange(1, 100_000),
+              help="Tokens to generate per answer for exact match (default: the reference's length + 16).")
+@click.option("--json", "as_json", is_flag=True, help="Print eval.json instead of the table.")
+def eval_(run_dir: Path, data: str | None, baseline: bool, max_new_tokens: int | None, as_json: bool) -> None:
+    """Loss, perplexity and token accuracy on the answer tokens, and exact match of greedy answers; written to
+    RUN/eval.json and summarized in manifest.json."""
+    import json
+
+    from .evaluation import evaluate, render
+    from .rundir import RunDir
+    run = RunDir(run_dir)
+    result = evaluate(run_dir, data, baseline=baseline, max_new_tokens=max_new_tokens)
+    if as_json:
+        click.echo(json.dumps(result, indent=2))
+        return
+    for line in render(result, str(run), result["data"]["shown"]):
+        click.echo(line)
+    click.echo(f"wrote {run.show(run.root / 'eval.json')}", err=True)
+
+
 class PipeSafe:
     """stdout/stderr that go quiet when their reader goes away (`llfarm run ... 2>&1 | head -1`): the rest of the
     output goes to /dev/null and the command carries on — a training run is not killed, nor left marked running,

@@ -35,6 +35,10 @@ class Generator:
         if system or self.system:
             messages.append({"role": "system", "content": system or self.system})
         messages.append({"role": "user", "content": prompt})
+        return self.messages_ids(messages)
+
+    def messages_ids(self, messages: list[dict[str, str]]) -> list[int]:
+        """A conversation (ending with a user turn) rendered with the template's generation prompt, as token ids."""
         text = self.template.render(messages, add_generation_prompt=True, bos_token=self.tokenizer.bos_token or "",
                                     eos_token=self.tokenizer.eos_token or "")
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -49,8 +53,12 @@ class Generator:
 
     def generate(self, prompt: str, *, max_new_tokens: int = 64, temperature: float = 0.0,
                  system: str | None = None) -> str:
+        return self.complete(self.prompt_ids(prompt, system), max_new_tokens=max_new_tokens, temperature=temperature)
+
+    def complete(self, prompt_ids: list[int], *, max_new_tokens: int = 64, temperature: float = 0.0) -> str:
+        """The model's answer to a rendered prompt, up to the template's end of turn; greedy at temperature 0."""
         import torch
-        ids = torch.tensor([self.prompt_ids(prompt, system)], device=self.model.device)
+        ids = torch.tensor([prompt_ids], device=self.model.device)
         kwargs: dict[str, Any] = {"do_sample": temperature > 0}
         if temperature > 0:
             kwargs["temperature"] = temperature
@@ -62,13 +70,16 @@ class Generator:
 
 
 def load_for_inference(base: str, output_dir: Path, kind: str):
-    """(model, tokenizer) in eval mode. Adapters load on top of their base model; nothing is downloaded
-    for local paths."""
+    """(model, tokenizer) in eval mode. ``kind``: adapter (loaded on top of ``base``), model (the full model in
+    ``output_dir``) or base (``base`` alone). The tokenizer is always the run's; nothing is downloaded for local
+    paths."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(output_dir)
-    if kind == "adapter":
+    if kind == "base":                  # the run's starting point, with the run's tokenizer (eval --baseline)
+        model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    elif kind == "adapter":
         from peft import PeftModel
         model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
         model = PeftModel.from_pretrained(model, output_dir)

@@ -116,6 +116,17 @@ class RunDir:
         raise RunError("the run has no adapter/ or model/ (did training finish?)", where=self.shown,
                        hint="check manifest.json's status and logs/, or resume with `llfarm resume`")
 
+    def eval_data(self) -> Path | None:
+        """The run's own evaluation data (data.eval or the data.eval_split hold-out, as normalized JSONL), or None
+        when it was trained without. The one place that knows where a run keeps it (`llfarm eval` reads it through
+        here): the file manifest.json's ``data.eval`` names (in the data cache), else a run's own copy in
+        native/data/ (runs made before the cache)."""
+        recorded = (self.read_manifest().get("data") or {}).get("eval")
+        if recorded:
+            return Path(recorded)
+        legacy = self.native / "data" / "eval.jsonl"
+        return legacy if legacy.is_file() else None
+
     def read_metrics(self) -> list[dict[str, Any]]:
         if not self.metrics_path.exists():
             return []

@@ -324,7 +324,7 @@ def tail(path: Path, n: int = 15) -> str:
 
 def finish(ctx: CompileContext, backend: Backend) -> RunResult:
     """Normalize outputs, draw loss.png, record final metrics and mark the run completed."""
-    from .metrics import plot_loss
+    from .metrics import memory_peaks, plot_loss
 
     run = ctx.run
     result = backend.collect(ctx)
@@ -332,7 +332,7 @@ def finish(ctx: CompileContext, backend: Backend) -> RunResult:
     plot_loss(rows, run.loss_png, title=f"{ctx.strategy.name} ({backend.name}, {ctx.strategy.stage})")
     final = summarize(rows)
     final.update(result.final_metrics)
-    run.update_manifest(status="completed", ended_at=now_iso(), final_metrics=final,
+    run.update_manifest(status="completed", ended_at=now_iso(), final_metrics=final, memory=memory_peaks(rows),
                         output_kind=result.output_kind,
                         paths={**run.read_manifest().get("paths", {}),
                                "output": str(result.output_dir.relative_to(run.root)), "loss_plot": "loss.png"})

@@ -87,3 +87,13 @@ def heavy_imports(argv: list[str]) -> list[str]:
     assert proc.returncode == 0, proc.stderr
     line = next(ln for ln in proc.stdout.splitlines() if ln.startswith("HEAVY "))
     return eval(line[len("HEAVY "):])  # noqa: S307 - our own printed list
+
+
+def one_line_error(proc: subprocess.CompletedProcess, expect: list[str]) -> str:
+    """Bad input's contract: exit 2, one `llfarm: error:` line on stderr holding every piece of ``expect``."""
+    err = proc.stderr.strip()
+    assert proc.returncode == 2, f"exit {proc.returncode}: {err}\n{proc.stdout}"
+    assert "Traceback" not in err and len(err.splitlines()) == 1 and err.startswith("llfarm: error:"), err
+    for piece in expect:
+        assert piece in err, f"{piece!r} not in: {err}"
+    return err

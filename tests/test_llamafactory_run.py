@@ -81,7 +81,7 @@ def test_metrics_rows_have_the_pytorch_keys(root):
     lf_rows, pt_rows = metrics(lf), metrics(pt)
     assert [r["step"] for r in lf_rows] == [r["step"] for r in pt_rows] == [1, *range(5, 41, 5)]
     want = {"step", "total_steps", "epoch", "loss", "learning_rate", "grad_norm", "tokens_per_s", "memory_mb",
-            "time"}
+            "rss_mb", "rss_peak_mb", "time"}
     for row in lf_rows:
         assert want <= set(row) <= want | {"train_runtime"}, row
         assert row["total_steps"] == 40

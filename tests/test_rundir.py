@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 
 import pytest
 
@@ -57,3 +58,29 @@ def test_loss_plot_is_a_png(tmp_path):
     assert out.read_bytes()[:4] == b"\x89PNG"
     assert plot_loss([], tmp_path / "none.png") is None
     json.dumps(rows)
+
+
+def test_memory_sample_and_peaks():
+    from llfarm.metrics import MEMORY_KEYS, memory_peaks, memory_sample, reset_memory_peaks
+    blob = bytearray(200 * 2**20)
+    blob[::4096] = b"x" * len(blob[::4096])            # touch every page
+    before = memory_sample()
+    del blob
+    reset_memory_peaks()                                 # Linux: the RSS high-water mark starts again from now
+    after = memory_sample()
+    assert set(before) <= {*MEMORY_KEYS, "memory_mb"} and before["rss_peak_mb"] >= before["rss_mb"] > 200
+    if sys.platform == "linux":
+        assert after["memory_mb"] == after["rss_peak_mb"] < before["rss_peak_mb"] - 150
+    rows = [{"step": 1, "rss_peak_mb": 10.0, "tokens_per_s": 5.0}, {"step": 2, "rss_peak_mb": 12.5, "tokens_per_s": 7.0},
+            {"step": 3, "rss_peak_mb": 11.0, "tokens_per_s": 6.0}]
+    assert memory_peaks(rows) == {"rss_peak_mb": 12.5, "tokens_per_s_median": 6.0}
+    assert memory_peaks([]) == {}
+
+
+def test_eval_data_is_found_in_one_place(tmp_path):
+    run = RunDir(tmp_path / "r").create()
+    run.write_manifest({"status": "completed", "data": {"eval": None}})
+    assert run.eval_data() is None
+    held = tmp_path / "cache" / "eval.jsonl"
+    run.update_manifest(data={"eval": str(held)})
+    assert run.eval_data() == held
