@@ -223,7 +223,8 @@ def gguf_forward(path: Path, ids: list[int]) -> np.ndarray:
     t = {k: v for k, (v, _) in gguf_tensors(path).items()}
     n_layer, n_head = f[f"{arch}.block_count"], f[f"{arch}.attention.head_count"]
     n_head_kv, eps = f[f"{arch}.attention.head_count_kv"], f[f"{arch}.attention.layer_norm_rms_epsilon"]
-    n_rot, base = f[f"{arch}.rope.dimension_count"], f[f"{arch}.rope.freq_base"]
+    base = f[f"{arch}.rope.freq_base"]
+    n_rot = f.get(f"{arch}.rope.dimension_count") or f[f"{arch}.embedding_length"] // n_head
     freq_scale = 1.0 / f[f"{arch}.rope.scaling.factor"] if f.get(f"{arch}.rope.scaling.type") == "linear" else 1.0
     neox = arch == "qwen2"  # LLAMA_ROPE_TYPE_NORM for llama, NEOX for qwen2
     x = t["token_embd.weight"][ids].astype(np.float64)

@@ -90,8 +90,6 @@ def write_pre_table(path: Path) -> None:
 
 LLAMA3 = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 QWEN2 = LLAMA3.replace(r"\p{N}{1,3}", r"\p{N}")
-QWEN35 = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?[\p{L}\p{M}]+|\p{N}| ?[^\s\p{L}\p{M}\p{N}]+[\r\n]*|"
-          r"\s*[\r\n]+|\s+(?!\S)|\s+")
 
 
 def _bl(regex: bool = True) -> dict[str, Any]:
@@ -108,12 +106,13 @@ def _seq(*steps: dict[str, Any]) -> dict[str, Any]:
 
 _DIGITS = {"type": "Digits", "individual_digits": True}
 _NFC = {"type": "NFC"}
-# family → how its original tokenizer.json pre-tokenizes (and normalizes, and whether encode adds BOS)
+# family → how its original tokenizer.json pre-tokenizes (and normalizes, and whether encode adds BOS). Not here:
+# qwen35 (a rebuild passes its vectors but hashes like qwen2: the real tokenizer differs in a way the vocab GGUF
+# does not show), deepseek-llm (its Latin character classes are not reproduced), the non-BPE/SPM families.
 BPE_FAMILIES: dict[str, dict[str, Any]] = {
     "gpt-2": {"pre": _bl()},
     "llama-bpe": {"pre": _seq(_split(LLAMA3), _bl(False)), "ignore_merges": True, "bos": True},
     "qwen2": {"pre": _seq(_split(QWEN2), _bl(False)), "normalizer": _NFC},
-    "qwen35": {"pre": _seq(_split(QWEN35), _bl(False))},
     "starcoder": {"pre": _seq(_DIGITS, _bl())},
     "refact": {"pre": _seq(_DIGITS, _bl())},
     "mpt": {"pre": _bl(), "normalizer": _NFC},
@@ -128,10 +127,42 @@ SPM_BASE_PIECES = 32000  # both are Llama 2's SentencePiece model (Phi-3 adds to
 
 
 def _gguf_fields(path: Path) -> dict[str, Any]:
-    from gguf import GGUFReader
+    """The tokenizer.* metadata of a GGUF. A direct reader of the GGUF v3 key/value section: GGUFReader takes ~10 s
+    on the 280k-merge vocabularies (it builds a numpy view per array element)."""
+    import struct
 
-    reader = GGUFReader(path)
-    return {k: f.contents() for k, f in reader.fields.items() if k.startswith("tokenizer.")}
+    scalar = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
+    data = path.read_bytes()
+    pos = 0
+
+    def take(fmt: str) -> Any:
+        nonlocal pos
+        (value,) = struct.unpack_from(fmt, data, pos)
+        pos += struct.calcsize(fmt)
+        return value
+
+    def string() -> str:
+        nonlocal pos
+        n = take("<Q")
+        pos += n
+        return data[pos - n:pos].decode("utf-8")
+
+    def value(kind: int) -> Any:
+        if kind == 8:
+            return string()
+        if kind == 9:
+            sub, n = take("<I"), take("<Q")
+            return [value(sub) for _ in range(n)]
+        return take(scalar[kind])
+
+    assert data[:4] == b"GGUF" and struct.unpack_from("<I", data, 4)[0] == 3
+    pos = 8
+    _, n_kv = take("<Q"), take("<Q")
+    out = {}
+    for _ in range(n_kv):
+        key = string()
+        out[key] = value(take("<I"))
+    return {k: v for k, v in out.items() if k.startswith("tokenizer.")}
 
 
 def tokenizer_dir(family: str) -> Path:
@@ -168,8 +199,10 @@ def _special_config(f: dict[str, Any], tokens: list[str], add_bos: bool) -> dict
 def _build_bpe(family: str, f: dict[str, Any], out: Path) -> None:
     spec = BPE_FAMILIES[family]
     tokens, types = f["tokenizer.ggml.tokens"], f["tokenizer.ggml.token_type"]
+    padding = {i for i, t in enumerate(tokens) if t == f"[PAD{i}]"}  # the old converter's padding, not tokens
     added = [{"id": i, "content": tokens[i], "single_word": False, "lstrip": False, "rstrip": False,
-              "normalized": False, "special": ty == 3} for i, ty in enumerate(types) if ty in (3, 4)]
+              "normalized": ty == 4, "special": ty == 3} for i, ty in enumerate(types)
+             if ty in (3, 4) and i not in padding]
     bos = f.get("tokenizer.ggml.bos_token_id")
     post: dict[str, Any] = {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": False, "use_regex": True}
     if spec.get("bos"):
@@ -184,7 +217,7 @@ def _build_bpe(family: str, f: dict[str, Any], out: Path) -> None:
           "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
                     "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False,
                     "ignore_merges": bool(spec.get("ignore_merges")),
-                    "vocab": {t: i for i, t in enumerate(tokens)},
+                    "vocab": {t: i for i, t in enumerate(tokens) if i not in padding},
                     "merges": [m.split(" ", 1) for m in f["tokenizer.ggml.merges"]]}}
     (out / "tokenizer.json").write_text(json.dumps(tj, ensure_ascii=False), encoding="utf-8")
     cfg = _special_config(f, tokens, bool(spec.get("bos")))
@@ -213,7 +246,8 @@ def _build_spm(f: dict[str, Any], out: Path) -> None:
     ns.name, ns.add_dummy_prefix, ns.remove_extra_whitespaces, ns.escape_whitespaces = "identity", True, False, True
     (out / "tokenizer.model").write_bytes(model.SerializeToString())
     added = [{"id": i, "content": tokens[i], "single_word": False, "lstrip": False, "rstrip": False,
-              "normalized": False, "special": types[i] == 3} for i in range(SPM_BASE_PIECES, len(tokens))]
+              "normalized": False, "special": types[i] == 3} for i in range(SPM_BASE_PIECES, len(tokens))
+             if types[i] in (3, 4) and tokens[i] != f"[PAD{i}]"]
     cfg = _special_config(f, tokens, True)
     cfg.update(tokenizer_class="LlamaTokenizer", legacy=False, added_tokens_decoder={
         str(i): {"content": tokens[i], "lstrip": False, "normalized": False, "rstrip": False, "single_word": False,
@@ -244,9 +278,9 @@ ARCH_CONFIGS: dict[str, dict[str, Any]] = {
                "query_pre_attn_scalar": 16, "sliding_window": 128, "attn_logit_softcapping": 50.0,
                "final_logit_softcapping": 30.0, "hidden_activation": "gelu_pytorch_tanh"},
     "gemma3": {"architectures": ["Gemma3ForCausalLM"], "model_type": "gemma3_text", "head_dim": 16,
-               "query_pre_attn_scalar": 16, "sliding_window": 64, "sliding_window_pattern": 2,
-               "layer_types": ["sliding_attention", "full_attention"], "final_logit_softcapping": None,
-               "hidden_activation": "gelu_pytorch_tanh"},
+               "query_pre_attn_scalar": 16, "sliding_window": 64, "num_hidden_layers": 6,  # llama.cpp's pattern:
+               "layer_types": ["sliding_attention"] * 5 + ["full_attention"],  # 5 sliding, 1 full
+               "final_logit_softcapping": None, "hidden_activation": "gelu_pytorch_tanh"},
     "phi3": {"architectures": ["Phi3ForCausalLM"], "model_type": "phi3", "tie_word_embeddings": False,
              "original_max_position_embeddings": 256, "sliding_window": None},
 }

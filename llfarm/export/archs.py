@@ -262,6 +262,16 @@ class Gemma2(Arch):
     norm_shift: bool = True
     skip: tuple[str, ...] = ("lm_head.weight",)  # tied; llama.cpp reuses token_embd
     supported_rope: tuple[str | None, ...] = (None,)
+    swa_period: int = 2  # llama.cpp hard-codes the sliding/full layer pattern: every n-th layer is full attention
+
+    def check(self, cfg, where):
+        super().check(cfg, where)
+        layers = cfg.get("layer_types")
+        expected = ["full_attention" if (i + 1) % self.swa_period == 0 else "sliding_attention"
+                    for i in range(len(layers or []))]
+        if layers and layers != expected:
+            raise ExportError(f"layer_types is not {self.name}'s fixed pattern (one full-attention layer in "
+                              f"{self.swa_period}), which llama.cpp assumes", where=where, hint=HINT_UPSTREAM)
 
     def write_params(self, w, cfg, file_type):
         w.add_context_length(cfg["max_position_embeddings"])
@@ -290,9 +300,14 @@ class Gemma3(Gemma2):
     gguf_arch: gguf.MODEL_ARCH = gguf.MODEL_ARCH.GEMMA3
     skip: tuple[str, ...] = ()
     supported_rope: tuple[str | None, ...] = (None, "linear", "yarn")
+    swa_period: int = 6
 
     def write_params(self, w, cfg, file_type):
         Arch.write_params(self, w, cfg, file_type)
+        for key in [k for k in w.kv_data[0] if k.endswith((".context_length", ".attention.head_count",
+                                                           ".layer_norm_rms_epsilon", ".key_length", ".value_length",
+                                                           ".rope.freq_base", ".head_count_kv"))]:
+            del w.kv_data[0][key]  # the reference sets these again below (gguf-py would warn about duplicates)
         w.add_context_length(cfg.get("max_position_embeddings", 131072))
         w.add_head_count(cfg.get("num_attention_heads", 8))
         w.add_layer_norm_rms_eps(cfg.get("rms_norm_eps", 1e-6))
