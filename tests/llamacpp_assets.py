@@ -126,10 +126,12 @@ SPM_FAMILIES = ("llama-spm", "phi-3")
 SPM_BASE_PIECES = 32000  # both are Llama 2's SentencePiece model (Phi-3 adds tokens above it)
 
 
-def _gguf_fields(path: Path) -> dict[str, Any]:
-    """The tokenizer.* metadata of a GGUF. A direct reader of the GGUF v3 key/value section: GGUFReader takes ~10 s
-    on the 280k-merge vocabularies (it builds a numpy view per array element)."""
+def read_gguf(path: Path, tensors: bool = True) -> tuple[dict[str, Any], dict[str, tuple[int, tuple[int, ...], bytes]]]:
+    """(metadata, {tensor name: (GGML type, shape in ggml order, raw bytes)}) of a GGUF v3 file. A direct reader:
+    GGUFReader takes ~10 s on the 280k-merge vocabularies (it builds a numpy view per array element)."""
     import struct
+
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
     scalar = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
     data = path.read_bytes()
@@ -157,12 +159,55 @@ def _gguf_fields(path: Path) -> dict[str, Any]:
 
     assert data[:4] == b"GGUF" and struct.unpack_from("<I", data, 4)[0] == 3
     pos = 8
-    _, n_kv = take("<Q"), take("<Q")
-    out = {}
+    n_tensors, n_kv = take("<Q"), take("<Q")
+    fields = {}
     for _ in range(n_kv):
         key = string()
-        out[key] = value(take("<I"))
-    return {k: v for k, v in out.items() if k.startswith("tokenizer.")}
+        fields[key] = value(take("<I"))
+    out: dict[str, tuple[int, tuple[int, ...], bytes]] = {}
+    if tensors:
+        infos = []
+        for _ in range(n_tensors):
+            name = string()
+            shape = tuple(take("<Q") for _ in range(take("<I")))
+            infos.append((name, shape, take("<I"), take("<Q")))
+        align = fields.get("general.alignment", 32)
+        start = (pos + align - 1) // align * align
+        for name, shape, kind, offset in infos:
+            block, size = GGML_QUANT_SIZES[GGMLQuantizationType(kind)]
+            n = 1
+            for d in shape:
+                n *= d
+            out[name] = (kind, shape, data[start + offset:start + offset + n // block * size])
+    return fields, out
+
+
+def _gguf_fields(path: Path) -> dict[str, Any]:
+    return {k: v for k, v in read_gguf(path, tensors=False)[0].items() if k.startswith("tokenizer.")}
+
+
+def gguf_differences(ours: Path, ref: Path) -> dict[str, str]:
+    """{metadata key or 'tensor NAME': what differs} between two GGUFs; {} when they are equal."""
+    fa, ta = read_gguf(ours)
+    fb, tb = read_gguf(ref)
+    diffs = {}
+    for key in sorted(set(fa) | set(fb)):
+        a, b = fa.get(key), fb.get(key)
+        if a == b:
+            continue
+        if isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
+            idx = [i for i in range(len(a)) if a[i] != b[i]]
+            diffs[key] = f"{len(idx)} of {len(a)} items differ, e.g. [{idx[0]}]: {a[idx[0]]!r} vs {b[idx[0]]!r}"
+        else:
+            diffs[key] = f"ours {str(a)[:60]!r} vs reference {str(b)[:60]!r}"
+    for name in sorted(set(ta) | set(tb)):
+        if name not in ta or name not in tb:
+            diffs[f"tensor {name}"] = "only in " + ("ours" if name in ta else "the reference")
+        elif ta[name][:2] != tb[name][:2]:
+            diffs[f"tensor {name}"] = f"type/shape {ta[name][:2]} vs {tb[name][:2]}"
+        elif ta[name][2] != tb[name][2]:
+            diffs[f"tensor {name}"] = "bytes differ"
+    return diffs
 
 
 def tokenizer_dir(family: str) -> Path:

@@ -23,7 +23,7 @@ def check_available(quant: str) -> None:
     if importlib.util.find_spec("llama_cpp") is None:
         raise ExportError(f"--quant {quant} needs llama.cpp's quantizer, which is not installed", where="--quant",
                           hint="pip install 'llfarm[llamacpp]' (compiles llama.cpp, ~10 min), or export --quant f16 "
-                               f"and let Ollama quantize: ollama create --quantize {quant.replace('_k', '_K')} "
+                               f"and let Ollama quantize: ollama create --quantize q{quant[1:].upper()} "
                                "-f Modelfile")
 
 
