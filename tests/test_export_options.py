@@ -104,9 +104,9 @@ def test_model_template_without_a_jinja_is_refused(runs, tmp_path):
 
 def test_adapter_with_an_ollama_base_writes_a_few_kb_and_from_plus_adapter(runs, tmp_path):
     run = fresh(runs["lora"], tmp_path)
-    lora, modelfile = export_run(run, ["adapter", "ollama"], ollama_base="tiny-llama:latest")
+    lora, modelfile = export_run(run, ["adapter", "ollama"], quant="q5_1", ollama_base="tiny-llama:latest")
     assert lora.name == "tiny-test-lora-f16.gguf" and sorted(p.name for p in lora.parent.iterdir()) == [
-        "Modelfile", "tiny-test-lora-f16.gguf"]  # q8_0 (the default) is a model type: the adapter is f16
+        "Modelfile", "tiny-test-lora-f16.gguf"]  # q5_1 is for models: an adapter GGUF is then f16
     args = parse_modelfile(modelfile.read_text())
     assert args[:2] == [("model", "tiny-llama:latest"), ("adapter", "./tiny-test-lora-f16.gguf")]
     fields = gguf_fields(lora)
