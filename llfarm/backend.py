@@ -1,12 +1,15 @@
 """The backend protocol and registry.
 
 A backend is a translator and a normalizer: ``check`` says whether it can run a strategy here (cheap, no
-heavy imports), ``compile`` writes the native files and returns the command (pure: testable anywhere), and
-``collect`` maps what it wrote into the normalized run directory. Process control, logs, progress, signals
-and resume live once, in the runner.
+heavy imports; it sees the prepared data, so every refusal comes before anything is written), ``compile`` writes
+the native files and returns the command (pure: testable anywhere), and ``collect`` maps what it wrote into the
+normalized run directory. Process control, logs, progress, signals and resume live once, in the runner.
 
-Backends register as entry points in the ``llfarm.backends`` group (pyproject.toml), in order of preference
-for ``--backend auto``. Unsupported features are data (``Capabilities``), turned into one clear error.
+Backends are data to the core: each registers as an entry point in the ``llfarm.backends`` group (pyproject.toml)
+and declares its name, ``priority`` for ``--backend auto``, whether it is the ``default``, a ``summary``, the
+``extra`` that installs it, the ``packages`` it needs to run, the ``distributions`` whose versions a manifest
+records, a pydantic model of its ``backend_options`` and a capability table. Unsupported features are data
+(``Capabilities``), turned into one clear error. The core names no backend.
 """
 
 from __future__ import annotations
@@ -20,8 +23,11 @@ from importlib.metadata import entry_points
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from pydantic import BaseModel
+
 from .errors import BackendUnavailable, UnsupportedError, did_you_mean, one_of
 from .platform import Platform
+from .schema import Section
 
 if TYPE_CHECKING:
     from .data import PreparedData
@@ -36,7 +42,12 @@ class Capabilities:
     quantization: frozenset[str]          # none | 4bit | 8bit
     platforms: frozenset[str]             # cpu | cuda | mps
     launchers: frozenset[str] = frozenset({"none"})
-    # Why something is missing, keyed like "stage:rm" or "platform:cpu": shown to the user verbatim.
+    # Stages whose checkpoints `llfarm resume` can continue from (default: every stage).
+    resumable: frozenset[str] | None = None
+    # Strategy keys the backend cannot honour: "method.use_dora" (any value but the default) or
+    # "method.init=olora" (that value), each with the reason shown to the user.
+    unsupported: dict[str, str] = field(default_factory=dict)
+    # Why something is missing, keyed like "stage:rm", "platform:cpu" or "resume:rm": shown to the user verbatim.
     reasons: dict[str, str] = field(default_factory=dict)
 
     def table(self) -> dict[str, list[str]]:
@@ -62,8 +73,9 @@ class NativePlan:
     argv: list[str]
     env: dict[str, str]
     cwd: Path
-    files: list[Path]               # native files written, the first one is the one `plan` prints
+    files: list[Path]               # native files written (`plan` prints them)
     total_steps: int | None = None
+    trainer: str = ""               # what receives the trainer arguments, e.g. trl.SFTTrainer(args=...)
 
     def command_line(self) -> str:
         import shlex
@@ -79,15 +91,26 @@ class RunResult:
     final_metrics: dict[str, Any] = field(default_factory=dict)
 
 
+class NoOptions(Section):
+    """A backend that takes no raw options."""
+
+
 class Backend:
     name: str = ""
+    summary: str = ""               # one line for `llfarm backends`
+    priority: int = 100             # --backend auto tries backends in this order (lowest first)
+    default: bool = False           # the backend a strategy without `backend:` uses
     extra: str | None = None        # pip extra that installs it
     packages: tuple[str, ...] = ()  # importable modules that must be present to *run*
+    distributions: tuple[str, ...] = ()  # libraries whose versions a run's manifest records
+    options: type[BaseModel] = NoOptions  # the model of backend_options.<name>
+    importer: Any = None            # llfarm.importers.Importer for `llfarm import --from <name>`, if it has a format
     capabilities: Capabilities
 
     # ---- protocol -------------------------------------------------------------------------
-    def check(self, strategy: Strategy, platform: Platform) -> None:
-        """Raise UnsupportedError / BackendUnavailable when this backend cannot run the strategy here."""
+    def check(self, strategy: Strategy, platform: Platform, data: PreparedData | None = None) -> None:
+        """Raise UnsupportedError / BackendUnavailable when this backend cannot run the strategy here. ``data``
+        (when prepared) lets a backend refuse what its own data path cannot take before anything is written."""
         self.check_capabilities(strategy, platform)
         self.check_installed()
 
@@ -98,6 +121,11 @@ class Backend:
         raise NotImplementedError(f"{type(self).__name__}.collect")
 
     # ---- shared helpers -------------------------------------------------------------------
+    def option_values(self, strategy: Strategy) -> dict[str, Any]:
+        """backend_options.<name> as validated by ``options`` (only the keys the strategy set)."""
+        return self.options.model_validate(strategy.backend_options.get(self.name, {})).model_dump(
+            exclude_unset=True)
+
     def missing_packages(self) -> list[str]:
         return [p for p in self.packages if importlib.util.find_spec(p) is None]
 
@@ -119,24 +147,87 @@ class Backend:
                   ("platform", platform.name, caps.platforms)]
         for what, value, allowed in wanted:
             if value not in allowed:
-                reason = caps.reasons.get(f"{what}:{value}", f"it supports {what} {one_of(allowed)}")
-                alternatives = [b.name for b in registry().values() if b.name != self.name and
-                                _supports(b, what, value)]
-                hint = ("try " + " or ".join(f"--backend {a}" for a in alternatives)) if alternatives else None
-                raise UnsupportedError(f"backend '{self.name}' cannot run {what} '{value}': {reason}",
-                                       hint=hint)
+                self.refuse(what, value, f"it supports {what} {one_of(allowed)}")
         if strategy.quantization != "none" and platform.name != "cuda":
             what = strategy.method.type if strategy.method.type == "qlora" else "model.quantization"
             raise UnsupportedError(
                 f"{what} ({strategy.quantization} bitsandbytes) needs a CUDA GPU; this machine has "
                 f"{platform.accelerator}",
                 hint="use method.type: lora and model.quantization: none on this machine, or run on a CUDA GPU")
+        from .training import CUDA_ONLY
+        if platform.name != "cuda":
+            for key, (values, why) in CUDA_ONLY.items():
+                value = value_at(strategy, key)
+                if value in values:
+                    raise UnsupportedError(f"{value!r} needs CUDA: {why}; this machine has {platform.accelerator}",
+                                           where=key, hint="choose another value here, or run on a CUDA GPU")
+        for spec, why in caps.unsupported.items():
+            key, _, only = spec.partition("=")
+            value = value_at(strategy, key)
+            if (str(value) == only) if only else value != default_at(key):
+                raise UnsupportedError(f"backend '{self.name}' cannot run {key} = {value!r}: {why}", where=key,
+                                       hint=self._alternatives_hint(spec))
+
+    def _alternatives_hint(self, spec: str) -> str | None:
+        others = [b.name for b in registry().values() if b.name != self.name and
+                  spec not in b.capabilities.unsupported]
+        return ("try " + " or ".join(f"--backend {a}" for a in others)) if others else None
+
+    def check_resume(self, strategy: Strategy) -> None:
+        resumable = self.capabilities.resumable
+        if resumable is not None and strategy.stage not in resumable:
+            self.refuse("resume", strategy.stage, f"it resumes stage {one_of(resumable)}",
+                        f"resume a stage '{strategy.stage}' run")
+
+    def refuse(self, what: str, value: str, default_reason: str, action: str | None = None) -> None:
+        reason = self.capabilities.reasons.get(f"{what}:{value}", default_reason)
+        alternatives = [b.name for b in registry().values() if b.name != self.name and _supports(b, what, value)]
+        hint = ("try " + " or ".join(f"--backend {a}" for a in alternatives)) if alternatives else None
+        raise UnsupportedError(f"backend '{self.name}' cannot {action or f'run {what} {value!r}'}: {reason}",
+                               hint=hint)
+
+
+def value_at(strategy: Strategy, key: str) -> Any:
+    obj: Any = strategy
+    for part in key.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def default_at(key: str) -> Any:
+    """The schema default of a strategy key (training.packing → False)."""
+    from .schema import Strategy
+    model: Any = Strategy
+    parts = key.split(".")
+    for part in parts[:-1]:
+        model = model.model_fields[part].annotation
+    info = model.model_fields[parts[-1]]
+    return info.get_default(call_default_factory=True)
 
 
 def _supports(backend: Backend, what: str, value: str) -> bool:
     caps = backend.capabilities
+    if what == "resume":
+        return caps.resumable is None or value in caps.resumable
     return value in {"stage": caps.stages, "method": caps.methods, "quantization": caps.quantization,
                      "launcher": caps.launchers, "platform": caps.platforms}[what]
+
+
+def offline_env(ctx: CompileContext) -> dict[str, str]:
+    """A local model needs no hub: the child runs with HF_HUB_OFFLINE=1 (a hub id keeps the hub reachable)."""
+    return {"HF_HUB_OFFLINE": "1"} if Path(ctx.model_path).is_dir() else {}
+
+
+def launcher_argv(strategy: Strategy, python: list[str], entry: list[str]) -> list[str]:
+    """``python entry...`` under the strategy's launcher (torchrun / accelerate launch), or as it is."""
+    d = strategy.distributed
+    if d.launcher == "torchrun":
+        return [*python, "-m", "torch.distributed.run", f"--nproc_per_node={d.nproc_per_node}",
+                f"--nnodes={d.nnodes}", *entry]
+    if d.launcher == "accelerate":
+        return [*python, "-m", "accelerate.commands.launch", f"--num_processes={d.nproc_per_node}",
+                f"--num_machines={d.nnodes}", *entry]
+    return [*python, *entry]
 
 
 _PLANNING: ContextVar[bool] = ContextVar("llfarm_planning", default=False)
@@ -157,7 +248,7 @@ BROKEN: dict[str, str] = {}
 
 
 def registry() -> dict[str, Backend]:
-    """Every registered backend, in entry-point order (pytorch, llamafactory, unsloth)."""
+    """Every registered backend, in the order `--backend auto` tries them (each backend's ``priority``)."""
     global _REGISTRY
     if _REGISTRY is None:
         found: dict[str, Backend] = {}
@@ -166,9 +257,18 @@ def registry() -> dict[str, Backend]:
                 found[ep.name] = ep.load()
             except ImportError as exc:  # a plugin whose module is broken must not break the others
                 BROKEN[ep.name] = f"{ep.value} failed to import: {exc}"
-        order = ["unsloth", "pytorch", "llamafactory"]
-        _REGISTRY = dict(sorted(found.items(), key=lambda kv: order.index(kv[0]) if kv[0] in order else 99))
+        _REGISTRY = dict(sorted(found.items(), key=lambda kv: (kv[1].priority, kv[0])))
     return _REGISTRY
+
+
+def default_backend() -> str:
+    """The backend a strategy without ``backend:`` runs on (the one that declares itself the default)."""
+    defaults = [b.name for b in registry().values() if b.default]
+    return defaults[0] if defaults else "auto"
+
+
+def backend_names() -> list[str]:
+    return [*registry(), "auto"]
 
 
 def get_backend(name: str) -> Backend:
@@ -179,7 +279,8 @@ def get_backend(name: str) -> Backend:
     return backends[name]
 
 
-def plan_platform(strategy: Strategy, here: Platform, requested: str | None = None) -> Platform:
+def plan_platform(strategy: Strategy, here: Platform, requested: str | None = None,
+                  data: PreparedData | None = None) -> Platform:
     """The platform `llfarm plan` compiles for. Planning runs nothing: when the backend asked for (or, for auto,
     every backend) cannot run the strategy on this machine but could on a CUDA GPU (Unsloth; 4-bit QLoRA), the
     plan is for a CUDA GPU, and `run` still checks the machine. Otherwise it is for this machine, so `auto` shows
@@ -192,7 +293,7 @@ def plan_platform(strategy: Strategy, here: Platform, requested: str | None = No
         for backend in candidates:
             try:
                 with planning():
-                    backend.check(strategy, plat)
+                    backend.check(strategy, plat, data)
                 return True
             except (UnsupportedError, BackendUnavailable):
                 pass
@@ -203,17 +304,18 @@ def plan_platform(strategy: Strategy, here: Platform, requested: str | None = No
     return gpu
 
 
-def choose_backend(strategy: Strategy, platform: Platform, requested: str | None = None) -> Backend:
+def choose_backend(strategy: Strategy, platform: Platform, requested: str | None = None,
+                   data: PreparedData | None = None) -> Backend:
     """The backend named by --backend or the strategy; for 'auto', the first one that can run here."""
     name = requested or strategy.backend
     if name != "auto":
         backend = get_backend(name)
-        backend.check(strategy, platform)
+        backend.check(strategy, platform, data)
         return backend
     reasons = []
     for backend in registry().values():
         try:
-            backend.check(strategy, platform)
+            backend.check(strategy, platform, data)
             return backend
         except (UnsupportedError, BackendUnavailable) as exc:
             reasons.append(f"{backend.name}: {exc.message}")

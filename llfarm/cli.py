@@ -31,6 +31,10 @@ class LlfarmGroup(click.Group):
             sys.exit(exc.exit_code)
         except BrokenPipeError:
             raise  # the reader went away (`llfarm plan x | head -1`): click ends quietly
+        except click.UsageError as exc:  # a bad option or argument: one line too, not click's three
+            path = exc.ctx.command_path if exc.ctx else "llfarm"
+            click.echo(f"llfarm: error: {exc.format_message()} — hint: see `{path} --help`", err=True)
+            sys.exit(2)
         except OSError as exc:  # an unwritable --output, a folder given for a file, a full disk...
             where = f"{exc.filename}: " if exc.filename else ""
             click.echo(f"llfarm: error: {where}{exc.strerror or exc} — hint: check the path and its permissions",
@@ -61,7 +65,8 @@ def cli() -> None:
 
     \b
     llfarm strategies list
-    llfarm plan quickstart --backend llamafactory
+    llfarm backends
+    llfarm plan quickstart --backend auto
     llfarm run quickstart
     llfarm generate runs/<id> --prompt "What is the capital of France?"
     llfarm export runs/<id> --format ollama
@@ -110,7 +115,7 @@ def _print_sources(res) -> None:
         click.echo(f"{key} = {value!r}    # {source}")
 
 
-BACKEND_HELP = "pytorch, llamafactory, unsloth or auto (default: the strategy's)."
+BACKEND_HELP = "A backend listed by `llfarm backends`, or auto (default: the strategy's)."
 
 
 @cli.command()
@@ -124,11 +129,14 @@ def validate(strategy: str, backend: str | None, overrides: tuple[str, ...], exp
     from .runner import prepare_run
     from .strategy import resolve
     res = resolve(strategy, overrides)
-    prep = prepare_run(res, backend, plan=True)
+    prep = prepare_run(res, backend, plan=True, write_data=False)
     if explain:
         _print_sources(res)
+    d = prep.data
+    used = f" (a seeded {d.n_train} for {res.strategy.training.max_steps} steps)" if d.n_train < d.n_available else ""
     click.echo(f"ok: {res.file} — backend {prep.backend.name}, stage {res.strategy.stage}, method "
-               f"{res.strategy.method.type}, {prep.data.n_train} training examples ({prep.data.source_format})")
+               f"{res.strategy.method.type}, {d.n_available} training examples{used}, {d.n_eval} eval "
+               f"({d.source_format})")
 
 
 @cli.command()
@@ -151,6 +159,7 @@ def backends() -> None:
         status = "; ".join(problems) or "ready"
         caps = b.capabilities.table()
         click.echo(f"{b.name:<13} {status}")
+        click.echo(f"{'':<13} {b.summary}{' (the default)' if b.default else ''}")
         click.echo(f"{'':<13} stages {','.join(caps['stages'])}; methods {','.join(caps['methods'])}; "
                    f"quantization {','.join(caps['quantization'])}; platforms {','.join(caps['platforms'])}")
     for name, why in BROKEN.items():
@@ -185,8 +194,12 @@ def plan(strategy: str, backend: str | None, overrides: tuple[str, ...], out: Pa
         if prep.platform != detect():       # planned for hardware this machine lacks (backend.plan_platform)
             click.echo(f"# note: {prep.platform.accelerator}; `llfarm run` needs one")
         click.echo(f"# model: {prep.model_path}")
-        click.echo(f"# data: {prep.data.n_train} train / {prep.data.n_eval} eval ({prep.data.source_format})")
+        d = prep.data
+        used = f" (a seeded {d.n_train} of {d.n_available} for {s.training.max_steps} steps)" \
+            if d.n_train < d.n_available else ""
+        click.echo(f"# data: {d.n_train} train{used} / {d.n_eval} eval ({d.source_format}); {d.train_path}")
         click.echo(f"# steps: {native.total_steps}")
+        click.echo(f"# trainer: {native.trainer}")
         click.echo(f"# command: {native.command_line()}")
         for f in native.files:
             click.echo(f"# ---- {f.relative_to(ctx.run.root) if out else f.name}")
@@ -333,6 +346,169 @@ def _do_export(run, formats: list[str], quant: str, out: Path | None, name: str 
     if modelfiles:
         command = ollama_create_command(Path(shown(modelfiles[0])), export_name(run.root, name))
         click.echo(f"load it in Ollama: {command}", err=True)
+
+
+# ---------------------------------------------------------------- import
+
+@cli.command("import")
+@click.argument("file", type=click.Path(path_type=Path))
+@click.option("--from", "source", help="The config's tool: llamafactory, axolotl or trl (default: detected).")
+@click.option("--output", "-o", type=click.Path(path_type=Path), help="Default: <stem>.llfarm.yaml here.")
+@click.option("--name", help="The strategy's name (default: the file's stem).")
+@click.option("--force", is_flag=True, help="Replace the output if it exists.")
+def import_(file: Path, source: str | None, output: Path | None, name: str | None, force: bool) -> None:
+    """Turn a LlamaFactory, Axolotl or TRL training YAML into an llfarm strategy, listing every key that did not
+    carry over (and why)."""
+    import yaml
+
+    from .errors import StrategyError
+    from .importers import import_file
+    from .rundir import atomic_write_text
+
+    importer, out = import_file(file, source, name)
+    target = output or Path(f"{file.name.split('.')[0]}.llfarm.yaml")
+    if target.exists() and not force:
+        raise StrategyError(["the output exists"], where=str(target), hint="pass --force to replace it, or -o")
+    lines = [f"# llfarm strategy imported from {importer.name}: {file}"]
+    for title, items in (("not mapped", out.not_mapped), ("left to llfarm", out.left_to_llfarm)):
+        if items:
+            lines.append(f"# {title}: " + "; ".join(f"{k} ({v})" for k, v in items.items()))
+    text = "\n".join(lines) + "\n" + yaml.safe_dump(out.strategy, sort_keys=False, allow_unicode=True, width=110)
+    atomic_write_text(target, text)
+    for k, v in out.not_mapped.items():
+        click.echo(f"not mapped: {k} — {v}", err=True)
+    if out.left_to_llfarm:
+        click.echo(f"left to llfarm: {', '.join(out.left_to_llfarm)}", err=True)
+    click.echo(str(target))
+
+
+# ---------------------------------------------------------------- data
+
+@cli.group(cls=LlfarmGroup)
+def data() -> None:
+    """Inspect, split and convert datasets (every format `data.train` reads)."""
+
+
+def _strategy_target(target: str):
+    """A strategy (shipped name, .yaml/.yml, or a .json whose top level has `data:`), or None for a data source."""
+    from .strategy import shipped_strategies
+    if target in shipped_strategies() or target.endswith((".yaml", ".yml")):
+        return target
+    if target.endswith(".json") and Path(target).is_file():
+        import json
+        try:
+            with open(target, encoding="utf-8") as fh:
+                head = json.load(fh) if Path(target).stat().st_size < 1_000_000 else None
+        except (ValueError, UnicodeDecodeError):
+            head = None
+        if isinstance(head, dict) and "data" in head:
+            return target
+    return None
+
+
+@data.command("inspect")
+@click.argument("target")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help=SET_HELP)
+@click.option("--model", help="A data file's token lengths with this model's tokenizer (a strategy uses its own).")
+@click.option("--template", help="Chat template for a data file's token lengths (default chatml).")
+@click.option("--max-length", type=int, help="max_length to check a data file against (default 256).")
+@click.option("--format", "fmt", default="auto", show_default=True, help="Record format of a data file.")
+@click.option("--sample", type=int, default=2_000, show_default=True,
+              help="How many examples (a seeded sample) to measure token lengths on; 0 = all.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+def data_inspect(target: str, overrides: tuple[str, ...], model: str | None, template: str | None,
+                 max_length: int | None, fmt: str, sample: int, as_json: bool) -> None:
+    """What a dataset (a FILE, or a STRATEGY's training data) holds: format, records, roles, turns, duplicates,
+    empty answers, and the token lengths its template gives, with what max_length truncates or drops."""
+    import json
+
+    from .data import FORMATS, STAGE_KIND, open_source
+    from .data.inspect import Stats, length_counter, render, report, token_lengths
+    from .data.prepare import scan
+    from .errors import DataError, did_you_mean
+    from .models import resolve_model
+
+    if sample < 0:
+        raise DataError("must be 0 (every example) or more", where="--sample")
+    if fmt not in ("auto", *FORMATS):
+        raise DataError(f"unknown format '{fmt}'{did_you_mean(fmt, FORMATS)}", where="--format",
+                        hint=f"one of auto, {', '.join(FORMATS)}")
+    stats = Stats(sample_size=sample)
+    ref = _strategy_target(target)
+    if ref is not None:
+        from .strategy import resolve
+        s = resolve(ref, overrides).strategy
+        d = s.data
+        sources = [scan(open_source(i.path, f"data.train[{n}]", split=i.split, text_unit=d.text_unit),
+                        weight=i.weight, fmt_setting=d.format, stage_kind=STAGE_KIND[s.stage], system=d.system,
+                        columns=d.columns, write=False, visit=stats.add) for n, i in enumerate(d.sources())]
+        model_path, tpl_ref, limit = resolve_model(s.model.path), s.template, d.max_length
+    else:
+        sources = [scan(open_source(target, target), weight=1.0, fmt_setting=fmt, stage_kind=None, system=None,
+                        columns={}, write=False, visit=stats.add)]
+        model_path = resolve_model(model) if model else None
+        tpl_ref, limit = template or "chatml", max_length or 256
+    tokens = None
+    if model_path is not None:
+        from .templates import load_template
+        tpl = load_template(tpl_ref)
+        tokens = token_lengths(stats.sample, tpl, length_counter(model_path, tpl), limit)
+    rep = report(stats, [src.manifest() for src in sources], tokens)
+    if as_json:
+        click.echo(json.dumps(rep, indent=2))
+    else:
+        render(rep)
+
+
+@data.command("split")
+@click.argument("file")
+@click.option("--eval-percentage", required=True, type=float, help="Percent of records for eval, in (0, 100).")
+@click.option("--seed", type=int, default=42, show_default=True, help="The same seed gives the same split.")
+@click.option("--train-output", type=click.Path(path_type=Path), help="Default: FILE's stem + .train.<ext>.")
+@click.option("--eval-output", type=click.Path(path_type=Path), help="Default: FILE's stem + .eval.<ext>.")
+@click.option("--force", is_flag=True, help="Replace outputs that exist.")
+def data_split(file: str, eval_percentage: float, seed: int, train_output: Path | None, eval_output: Path | None,
+               force: bool) -> None:
+    """Split a data file into train and eval files, deterministically (the rule data.eval_split uses)."""
+    from .data import open_source
+    from .data.tools import check_outputs, default_outputs, split_file
+    from .errors import DataError
+
+    if not 0 < eval_percentage < 100:
+        raise DataError(f"must be between 0 and 100 (exclusive), received {eval_percentage:g}",
+                        where="--eval-percentage", hint="for example --eval-percentage 10")
+    reader = open_source(file, file)
+    if reader.path is None or reader.path.is_dir():
+        raise DataError("split reads a data file", where=file, hint="give a .jsonl, .json, .csv, .tsv or .txt file")
+    defaults = default_outputs(reader, "train", "eval")
+    outs = [train_output or defaults[0], eval_output or defaults[1]]
+    check_outputs(outs, force)
+    n_train, n_eval = split_file(reader, eval_percentage / 100, seed, *outs)
+    click.echo(f"{outs[0]}: {n_train} records")
+    click.echo(f"{outs[1]}: {n_eval} records")
+
+
+@data.command("convert")
+@click.argument("file")
+@click.option("--to", "target", required=True, help="alpaca, messages, sharegpt or preference.")
+@click.option("--format", "fmt", default="auto", show_default=True, help="The input's record format.")
+@click.option("--output", type=click.Path(path_type=Path), help="Default: FILE's stem + .<to>.jsonl.")
+@click.option("--force", is_flag=True, help="Replace the output if it exists.")
+def data_convert(file: str, target: str, fmt: str, output: Path | None, force: bool) -> None:
+    """Convert records between the alpaca, messages and ShareGPT forms (and preference pairs to TRL's form)."""
+    from .data import FORMATS, open_source
+    from .data.tools import TARGETS, check_outputs, convert_file, default_outputs
+    from .errors import DataError, did_you_mean
+
+    if target not in TARGETS:
+        raise DataError(f"unknown target form '{target}'{did_you_mean(target, TARGETS)}", where="--to",
+                        hint=f"one of {', '.join(TARGETS)}")
+    if fmt not in ("auto", *FORMATS):
+        raise DataError(f"unknown format '{fmt}'{did_you_mean(fmt, FORMATS)}", where="--format")
+    reader = open_source(file, file)
+    out = output or default_outputs(reader, target)[0].with_suffix(".jsonl")
+    check_outputs([out], force)
+    click.echo(f"{out}: {convert_file(reader, target, fmt, {}, out)} records")
 
 
 def main() -> None:

@@ -29,3 +29,30 @@ def resolve_model(ref: str) -> str:
         raise ModelError(f"'{ref}' is neither an existing directory nor a hub id (org/name)", where="model.path",
                          hint="check the path, or use builtin:tiny-llama")
     return ref
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+                   "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja")
+
+
+def tokenizer_fingerprint(model: str, revision: str | None = None) -> str:
+    """What decides a model's tokenization, as a hash, without loading anything heavy: the tokenizer files of a
+    local folder (or of the hub cache's snapshot), else the hub id and revision."""
+    import hashlib
+
+    h = hashlib.sha256()
+    folder = Path(model) if Path(model).is_dir() else None
+    if folder is None:
+        h.update(f"hub:{model}@{revision or 'main'}".encode())
+        try:                                    # the files the hub cache holds for it, when it has them
+            from huggingface_hub import try_to_load_from_cache
+            found = try_to_load_from_cache(model, "tokenizer_config.json", revision=revision)
+            folder = Path(found).parent if isinstance(found, str) else None
+        except ImportError:
+            folder = None
+    if folder is not None:
+        for name in TOKENIZER_FILES:
+            f = folder / name
+            if f.is_file():
+                h.update(name.encode() + b"\0" + f.read_bytes() + b"\0")
+    return h.hexdigest()

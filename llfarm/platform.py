@@ -19,10 +19,6 @@ class Platform:
     accelerator: str     # human-readable, e.g. "NVIDIA GPU (nvidia-smi)" or "none"
     bf16: bool           # whether bf16 compute is expected to be fast here
 
-    @property
-    def has_gpu(self) -> bool:
-        return self.name != "cpu"
-
 
 @lru_cache(maxsize=1)
 def detect() -> Platform:

@@ -20,6 +20,7 @@ def resume_run(run_dir: Path, max_steps: int | None = None):
                        hint="checkpoints are written every training.save_every steps; start a new run instead")
     overrides = [f"training.max_steps={max_steps}"] if max_steps else []
     prep = prepare_run(resolve(run.strategy_path, overrides), manifest["backend"])
+    prep.backend.check_resume(prep.resolved.strategy)
     drop_metrics_after(run, checkpoint_step(ckpt))
     ctx, native = compile_into(prep, run, resume_from=ckpt)
     run.update_manifest(resumed_from=str(ckpt.relative_to(run.root)), total_steps=native.total_steps)

@@ -10,29 +10,29 @@ from __future__ import annotations
 
 import os
 import re
-from contextlib import nullcontext
 import shutil
 import signal
 import subprocess
 import sys
 import threading
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from . import __version__
-from .backend import Backend, CompileContext, NativePlan, RunResult, choose_backend, plan_platform, planning
-from .data import PreparedData, prepare, total_steps
+from .backend import Backend, CompileContext, NativePlan, RunResult, choose_backend, plan_platform, planning, registry
+from .data import PreparedData, prepare
 from .errors import DataError, LlfarmError, RunError
 from .models import resolve_model
 from .platform import Platform, detect, resolve_precision
 from .rundir import RunDir, atomic_write_text, new_run_id, now_iso
 from .strategy import Resolved, dump
 from .templates import load_template
+from .training import total_steps
 
-LIBRARIES = ("llfarm", "torch", "transformers", "peft", "trl", "accelerate", "datasets", "llamafactory",
-             "unsloth", "gguf", "bitsandbytes")
+CORE_LIBRARIES = ("llfarm", "datasets", "gguf")   # + every registered backend's distributions
 SECRET_RE = re.compile(r"hf_[A-Za-z0-9]{20,}")
 
 
@@ -46,16 +46,20 @@ class Prepared:
     precision: str
 
 
-def prepare_run(resolved: Resolved, backend: str | None = None, *, plan: bool = False) -> Prepared:
-    """Every check that can fail on bad input, before anything is written. ``plan``: compile only (see
-    backend.plan_platform), so a named backend is not refused for hardware this machine lacks."""
+def prepare_run(resolved: Resolved, backend: str | None = None, *, plan: bool = False,
+                write_data: bool = True) -> Prepared:
+    """Every check that can fail on bad input, before any run directory is written. ``plan``: compile only (see
+    backend.plan_platform), so a named backend is not refused for hardware this machine lacks. ``write_data``:
+    fill the data cache while checking (`validate` reads only)."""
     strategy = resolved.strategy
     load_template(strategy.template)                  # unknown template → exit 2 now, not mid-run
     with planning() if plan else nullcontext():
         plat = plan_platform(strategy, detect(), backend) if plan else detect()
-        chosen = choose_backend(strategy, plat, backend)
+        choose_backend(strategy, plat, backend)       # refuse early, before the data is read
     model_path = resolve_model(strategy.model.path)
-    data = prepare(strategy)
+    data = prepare(strategy, write=write_data)
+    with planning() if plan else nullcontext():       # then what the backend refuses in this data
+        chosen = choose_backend(strategy, plat, backend, data)
     steps = total_steps(strategy, data.n_train)
     if steps < 1:
         raise DataError(f"the strategy trains for zero steps ({data.n_train} examples, epochs "
@@ -68,7 +72,8 @@ def prepare_run(resolved: Resolved, backend: str | None = None, *, plan: bool = 
 def library_versions() -> dict[str, str | None]:
     from importlib.metadata import PackageNotFoundError, version
     out: dict[str, str | None] = {}
-    for lib in LIBRARIES:
+    libraries = dict.fromkeys([*CORE_LIBRARIES, *(d for b in registry().values() for d in b.distributions)])
+    for lib in libraries:
         try:
             out[lib] = version(lib)
         except PackageNotFoundError:
@@ -95,8 +100,8 @@ def create_run(prep: Prepared, output: Path, run_id: str | None = None) -> tuple
 
 
 def compile_into(prep: Prepared, run: RunDir, resume_from: Path | None = None) -> tuple[CompileContext, NativePlan]:
-    """Write the normalized data into native/, compile with the chosen backend, record the command."""
-    prep.data.write(run.native / "data")
+    """Point at the data (cached once, never copied per run), compile with the chosen backend, record the command."""
+    prep.data.materialize()
     ctx = CompileContext(strategy=prep.resolved.strategy, run=run, platform=prep.platform,
                          model_path=prep.model_path, data=prep.data, precision=prep.precision,
                          resume_from=resume_from)
@@ -119,8 +124,7 @@ def initial_manifest(prep: Prepared, run: RunDir, plan: NativePlan) -> dict[str,
         "platform": prep.platform.name, "precision": prep.precision,
         "model_path": prep.model_path, "template": s.template, "template_eos": tpl.eos,
         "system": s.data.system, "output_kind": "adapter" if s.is_peft else "model",
-        "data": {"format": prep.data.source_format, "n_train": prep.data.n_train, "n_eval": prep.data.n_eval,
-                 "sha256": prep.data.sources},
+        "data": prep.data.manifest(),
         "strategy_sha256": _sha256_text(run.strategy_path.read_text(encoding="utf-8")),
         "total_steps": plan.total_steps, "versions": library_versions(),
         "paths": {"native": "native", "logs": "logs", "metrics": "metrics.jsonl", "checkpoints": "checkpoints"},
@@ -144,8 +148,9 @@ def redact_text(text: str) -> str:
 
 # ---------------------------------------------------------------- execution
 
-def child_env(plan: NativePlan) -> dict[str, str]:
+def child_env(plan: NativePlan, extra: dict[str, str] | None = None) -> dict[str, str]:
     env = dict(os.environ)
+    env.update(extra or {})
     env.update(plan.env)
     env.setdefault("PYTHONUNBUFFERED", "1")
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -153,7 +158,7 @@ def child_env(plan: NativePlan) -> dict[str, str]:
     return env
 
 
-def execute(ctx: CompileContext, plan: NativePlan, *, verbose: bool = False, quiet: bool = False) -> int:
+def execute(ctx: CompileContext, plan: NativePlan, *, verbose: bool = False) -> int:
     """Run the backend process; returns its exit code. Ctrl-C is forwarded; the status says what happened."""
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -166,7 +171,9 @@ def execute(ctx: CompileContext, plan: NativePlan, *, verbose: bool = False, qui
     with open(log_path, "a", encoding="utf-8") as log:
         log.write(f"$ {redact_text(plan.command_line())}\n")
         log.flush()
-        proc = subprocess.Popen(plan.argv, cwd=plan.cwd, env=child_env(plan), stdout=subprocess.PIPE,
+        from .training import tracking_env
+        proc = subprocess.Popen(plan.argv, cwd=plan.cwd, env=child_env(plan, tracking_env(ctx.strategy, run)),
+                                stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, text=True, bufsize=1, start_new_session=True)
 
         def pump() -> None:
@@ -183,7 +190,7 @@ def execute(ctx: CompileContext, plan: NativePlan, *, verbose: bool = False, qui
         interrupted: int | None = None          # the signal that stopped the run (SIGINT, SIGTERM, SIGHUP)
         progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                             TextColumn("{task.fields[info]}"), TimeElapsedColumn(), console=console,
-                            disable=quiet or verbose, transient=False)
+                            disable=verbose, transient=False)
         with progress:
             task = progress.add_task(f"{ctx.strategy.stage} · {plan_backend(run)}", total=plan.total_steps,
                                      info="starting")

@@ -7,7 +7,12 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic_core import PydanticCustomError
+
+OPTIMIZERS = ("adamw_torch_fused", "adamw_torch", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit", "adafactor",
+              "sgd", "adagrad", "rmsprop", "lion_8bit", "paged_lion_8bit", "ademamix")
+BNB_OPTIMIZERS = frozenset({"adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit", "lion_8bit", "paged_lion_8bit"})
 
 
 class Section(BaseModel):
@@ -21,6 +26,10 @@ class ModelSpec(Section):
         "auto", description="Weights dtype when loading; auto follows training.precision.")
     quantization: Literal["none", "4bit", "8bit"] = Field(
         "none", description="Load-time quantization (bitsandbytes, CUDA only). method: qlora implies 4bit.")
+    quant_type: Literal["nf4", "fp4"] = Field("nf4", description="4-bit data type (bitsandbytes).")
+    double_quant: bool = Field(True, description="4-bit: quantize the quantization constants too.")
+    compute_dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
+        "auto", description="4-bit: dtype of the matmuls; auto = bfloat16.")
     trust_remote_code: bool = Field(False, description="Allow model code from the hub. Off unless asked.")
 
 
@@ -32,6 +41,16 @@ class MethodSpec(Section):
     target_modules: Literal["all"] | list[str] = Field(
         "all", description="'all' linear layers, or a list of module names (q_proj, v_proj, ...).")
     trainable_layers: int = Field(2, ge=1, description="freeze: how many of the last layers are trained.")
+    bias: Literal["none", "all", "lora_only"] = Field("none", description="LoRA: which biases train.")
+    modules_to_save: list[str] | None = Field(None, description="LoRA: modules trained in full beside the adapter "
+                                                                "(e.g. [lm_head, embed_tokens]).")
+    layers_to_transform: list[int] | None = Field(None, description="LoRA: only these layer indices get adapters.")
+    use_dora: bool = Field(False, description="LoRA: weight-decomposed LoRA (DoRA).")
+    use_rslora: bool = Field(False, description="LoRA: rank-stabilised scaling alpha / sqrt(r).")
+    init: Literal["default", "pissa", "olora", "gaussian"] = Field(
+        "default", description="LoRA: adapter initialisation (PEFT init_lora_weights).")
+    loraplus_lr_ratio: float | None = Field(None, gt=0, le=1e4, description="LoRA+: learning rate of B over A "
+                                                                            "(e.g. 16).")
 
     @field_validator("target_modules")
     @classmethod
@@ -41,16 +60,49 @@ class MethodSpec(Section):
         return v
 
 
+class SourceSpec(Section):
+    path: str = Field(..., description="A data file, a folder saved by datasets.save_to_disk, builtin:NAME, or a "
+                                       "hub dataset hf:ORG/NAME.")
+    weight: float = Field(1.0, gt=0.0, le=1000.0, description="Share of this source in the mix: 2.0 takes it twice, "
+                                                               "0.5 a seeded half.")
+    split: str = Field("train", description="Split of a hub dataset or a saved DatasetDict.")
+
+
+Sources = str | list[str | SourceSpec]
+
+
 class DataSpec(Section):
-    train: str = Field(..., description="Training data: a .jsonl/.json path or builtin:NAME "
-                                        "(alpaca, messages, sharegpt, preference).")
-    eval: str | None = Field(None, description="Evaluation data (same formats); overrides eval_split.")
+    train: Sources = Field(..., description="Training data: a file (.jsonl, .json, .jsonl.gz, .csv, .tsv, .parquet, "
+                                            ".txt), a datasets.save_to_disk folder, builtin:NAME (alpaca, messages, "
+                                            "sharegpt, preference), hf:ORG/NAME, or a list of sources with weights.")
+    eval: Sources | None = Field(None, description="Evaluation data (same forms); overrides eval_split.")
     eval_split: float = Field(0.0, ge=0.0, lt=1.0, description="Fraction of train held out for eval.")
-    format: Literal["auto", "alpaca", "messages", "sharegpt", "preference"] = Field(
-        "auto", description="Data format; auto detects it from the first record.")
+    format: Literal["auto", "alpaca", "messages", "sharegpt", "preference", "text"] = Field(
+        "auto", description="Record format; auto detects it from the first record's keys.")
+    columns: dict[str, str] = Field(default_factory=dict, description="Rename fields: {instruction: question, "
+                                                                      "output: answer} reads 'question' as instruction.")
+    text_unit: Literal["line", "file"] = Field("line", description="Plain text files: one document per line or per "
+                                                                   "file.")
     max_length: int = Field(256, ge=8, le=1_048_576, description="Maximum tokens per example.")
     max_samples: int | None = Field(None, ge=1, description="Use at most this many training examples.")
     system: str | None = Field(None, description="Default system prompt (also the Ollama SYSTEM).")
+
+    @field_validator("columns")
+    @classmethod
+    def _columns(cls, v: dict[str, str]) -> dict[str, str]:
+        known = {"instruction", "input", "output", "system", "messages", "conversations", "prompt", "chosen",
+                 "rejected", "text"}
+        for canonical in v:
+            if canonical not in known:
+                raise ValueError(f"maps unknown field '{canonical}'; fields are {', '.join(sorted(known))}")
+        return v
+
+    def sources(self, which: str = "train") -> list[SourceSpec]:
+        value = self.train if which == "train" else self.eval
+        if value is None:
+            return []
+        items = [value] if isinstance(value, str) else value
+        return [SourceSpec(path=i) if isinstance(i, str) else i for i in items]
 
 
 class TrainingSpec(Section):
@@ -59,19 +111,41 @@ class TrainingSpec(Section):
     batch_size: int = Field(8, ge=1, le=65_536, description="Per-device batch size.")
     grad_accum: int = Field(1, ge=1, le=65_536, description="Gradient accumulation steps.")
     learning_rate: float = Field(2.0e-4, gt=0.0, le=1.0, description="Peak learning rate.")
-    scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = Field(
+    optimizer: Literal[OPTIMIZERS] = Field(  # type: ignore[valid-type]
+        "adamw_torch_fused", description="Optimizer (transformers' names; the 8-bit and paged ones need CUDA).")
+    adam_beta1: float = Field(0.9, ge=0.0, lt=1.0, description="Adam beta1.")
+    adam_beta2: float = Field(0.999, ge=0.0, lt=1.0, description="Adam beta2.")
+    adam_epsilon: float = Field(1e-8, gt=0.0, le=1.0, description="Adam epsilon.")
+    scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup", "polynomial", "cosine_with_restarts",
+                       "cosine_with_min_lr", "inverse_sqrt", "warmup_stable_decay"] = Field(
         "cosine", description="Learning-rate schedule.")
     warmup_ratio: float = Field(0.0, ge=0.0, lt=1.0, description="Fraction of steps spent warming up.")
+    warmup_steps: int = Field(0, ge=0, description="Warm-up steps; wins over warmup_ratio when set.")
     weight_decay: float = Field(0.0, ge=0.0, le=1.0, description="AdamW weight decay.")
     max_grad_norm: float = Field(1.0, ge=0.0, description="Gradient clipping (0 disables).")
     seed: int = Field(42, ge=0, description="Random seed for data order and initialisation.")
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
         "auto", description="Compute precision; auto = bf16 on a GPU that has it, else fp32.")
     gradient_checkpointing: bool = Field(False, description="Trade compute for memory.")
+    tf32: bool | None = Field(None, description="TF32 matmuls on Ampere+ GPUs (CUDA only); null: library default.")
+    attention: Literal["auto", "sdpa", "eager", "flash_attention_2"] = Field(
+        "auto", description="Attention kernel; flash_attention_2 needs CUDA and the flash-attn package.")
+    group_by_length: bool = Field(False, description="Batch examples of similar length together (less padding).")
+    dataloader_workers: int = Field(0, ge=0, le=64, description="Data loading worker processes.")
+    packing: bool = Field(False, description="SFT: pack several examples into each max_length sequence.")
+    neftune_alpha: float | None = Field(None, gt=0, le=100, description="NEFTune: noise on the embeddings (e.g. 5).")
     logging_steps: int = Field(1, ge=1, description="Write a metrics.jsonl line every N steps.")
     save_every: int | None = Field(50, ge=1, description="Checkpoint every N steps (null: only at the end).")
     keep_checkpoints: int = Field(2, ge=1, description="How many checkpoints to keep.")
     eval_every: int | None = Field(None, ge=1, description="Evaluate every N steps (needs eval data).")
+
+
+class TrackingSpec(Section):
+    report_to: list[Literal["tensorboard", "wandb", "mlflow"]] = Field(
+        default_factory=list, description="Experiment trackers (files under the run directory; wandb offline unless "
+                                          "WANDB_MODE says otherwise).")
+    project: str | None = Field(None, description="wandb project / mlflow experiment (default: the strategy name).")
+    run_name: str | None = Field(None, description="Name of the run in the tracker (default: the run id).")
 
 
 class PreferenceSpec(Section):
@@ -102,7 +176,8 @@ class Strategy(Section):
     name: str = Field(..., min_length=1, max_length=100, description="Short name; used in run ids.")
     description: str = Field("", description="One line about what this strategy does.")
     extends: str | None = Field(None, description="Inherit another strategy (shipped name or path).")
-    backend: str = Field("pytorch", description="pytorch, llamafactory, unsloth, or auto.")
+    backend: str = Field(default_factory=lambda: _default_backend(),
+                         description="A backend from `llfarm backends`, or auto (default: the default backend).")
     model: ModelSpec = Field(default_factory=ModelSpec)
     template: str = Field("chatml", description="Chat template name (templates/) or a template YAML path.")
     stage: Literal["sft", "dpo", "rm"] = Field("sft", description="sft, dpo (preference), rm (reward model).")
@@ -112,8 +187,22 @@ class Strategy(Section):
     preference: PreferenceSpec = Field(default_factory=PreferenceSpec)
     distributed: DistributedSpec = Field(default_factory=DistributedSpec)
     export: ExportSpec = Field(default_factory=ExportSpec)
+    tracking: TrackingSpec = Field(default_factory=TrackingSpec)
     backend_options: dict[str, dict[str, Any]] = Field(
         default_factory=dict, description="Raw native keys per backend, checked by that backend.")
+
+    @model_validator(mode="after")
+    def _combinations(self) -> Strategy:
+        if self.training.packing and self.stage != "sft":
+            raise combination("training.packing", f"packs SFT examples; stage '{self.stage}' pairs or scores whole "
+                                                  "sequences and cannot pack")
+        lora_only = [k for k in ("use_dora", "use_rslora", "loraplus_lr_ratio", "modules_to_save",
+                                 "layers_to_transform") if getattr(self.method, k) not in (False, None)]
+        if lora_only and not self.is_peft:
+            raise combination(f"method.{lora_only[0]}", f"is a LoRA setting; method.type is '{self.method.type}'")
+        if self.method.init != "default" and not self.is_peft:
+            raise combination("method.init", f"initialises LoRA adapters; method.type is '{self.method.type}'")
+        return self
 
     @property
     def is_peft(self) -> bool:
@@ -122,3 +211,13 @@ class Strategy(Section):
     @property
     def quantization(self) -> str:
         return "4bit" if self.method.type == "qlora" else self.model.quantization
+
+
+def _default_backend() -> str:
+    from .backend import default_backend
+    return default_backend()
+
+
+def combination(key: str, problem: str) -> PydanticCustomError:
+    """A rule between keys, reported like a key's own error: '<key>' <problem>, with the key's file:line."""
+    return PydanticCustomError("llfarm_combination", "{problem}", {"key": key, "problem": problem})

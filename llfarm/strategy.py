@@ -15,7 +15,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from .errors import StrategyError, did_you_mean
+from .errors import StrategyError, did_you_mean, one_of
 from .resources import strategies_dir
 from .schema import Strategy
 
@@ -50,7 +50,7 @@ def find_strategy(ref: str, *, relative_to: Path | None = None) -> Path:
     shipped = shipped_strategies()
     if ref in shipped:
         return shipped[ref]
-    if ref.endswith((".yaml", ".yml")) or "/" in ref:
+    if ref.endswith((".yaml", ".yml", ".json")) or "/" in ref:
         raise StrategyError([f"strategy file '{ref}' not found"],
                             hint="check the path, or run `llfarm strategies list` for shipped names")
     raise StrategyError([f"unknown strategy '{ref}'{did_you_mean(ref, shipped)}"],
@@ -143,6 +143,9 @@ def absolute_path(key: str, value: Any, base: Path) -> Any:
     file, the current directory for ``--set``. Stored absolute, the resolved strategy means the same thing to the
     training child (which runs in the run directory) and to later commands run from anywhere. Names that are not
     paths (builtin:NAME, a hub id, a shipped template, zero2) are left as they are."""
+    if key in ("data.train", "data.eval") and isinstance(value, list):   # a list of sources
+        return [{**v, "path": absolute_path(key, v["path"], base)} if isinstance(v, dict) and "path" in v
+                else absolute_path(key, v, base) for v in value]
     if not isinstance(value, str) or not value:
         return value
     if value.startswith("~"):
@@ -199,8 +202,8 @@ def _load_layers(path: Path, chain: tuple[Path, ...] = ()) -> tuple[dict[str, An
 
 # ---------------------------------------------------------------- validation
 
-def _model_at(loc: tuple[Any, ...]) -> type[BaseModel] | None:
-    model: type[BaseModel] | None = Strategy
+def _model_at(loc: tuple[Any, ...], root: type[BaseModel]) -> type[BaseModel] | None:
+    model: type[BaseModel] | None = root
     for part in loc:
         if model is None or part not in model.model_fields:
             return None
@@ -209,46 +212,115 @@ def _model_at(loc: tuple[Any, ...]) -> type[BaseModel] | None:
     return model
 
 
-def _describe(err: dict[str, Any]) -> str:
+def _describe(err: dict[str, Any], root: type[BaseModel], base: tuple[Any, ...] = ()) -> str:
+    """One problem in the user's words. ``err["loc"]`` is relative to ``root``, which sits at ``base``."""
     loc = tuple(err["loc"])
-    key = ".".join(str(p) for p in loc)
+    key = ".".join(str(p) for p in (*base, *loc))
     kind = err["type"]
-    received = err.get("input")
+    received = _short(err.get("input"))
+    if kind == "llfarm":                     # llfarm's own check, already in the user's words
+        return err["msg"]
+    if kind == "llfarm_combination":         # a rule between keys, blamed on the key it names
+        return f"'{err['ctx']['key']}' {err['ctx']['problem']}"
     if kind == "extra_forbidden":
-        parent = _model_at(loc[:-1])
+        parent = _model_at(loc[:-1], root)
         hint = did_you_mean(str(loc[-1]), parent.model_fields) if parent else ""
         return f"unknown key '{key}'{hint}"
     if kind == "missing":
         return f"'{key}' is required"
     if kind == "literal_error":
         expected = err.get("ctx", {}).get("expected", "")
-        return f"'{key}' must be {expected}, received {received!r}"
+        value = err.get("input")
+        close = did_you_mean(value, [x.strip(" '") for x in expected.replace(" or ", ",").split(",")]) \
+            if isinstance(value, str) else ""
+        return f"'{key}' must be {expected}, received {received}{close}"
     msg = err["msg"]
-    return f"'{key}' {msg[0].lower() + msg[1:]}, received {received!r}"
+    if kind == "value_error":
+        msg = msg.removeprefix("Value error, ")
+        return f"'{key}' {msg}" if key else msg
+    return f"'{key}' {msg[0].lower() + msg[1:]}, received {received}"
+
+
+def _short(value: Any) -> str:
+    """repr of a value for a message, never unbounded (a huge or deeply nested value is cut short)."""
+    import reprlib
+    r = reprlib.Repr()
+    r.maxlevel, r.maxdict, r.maxlist, r.maxstring, r.maxother = 2, 4, 4, 60, 60
+    return r.repr(value)
+
+
+def _backend_problems(data: dict[str, Any]) -> list[tuple[dict[str, Any], type[BaseModel], tuple[Any, ...]]]:
+    """The backend name and each backend_options.<name> block, checked against the registered backends."""
+    from .backend import backend_names, registry
+
+    problems: list[tuple[dict[str, Any], type[BaseModel], tuple[Any, ...]]] = []
+    name = data.get("backend")
+    if isinstance(name, str) and name not in backend_names():
+        problems.append(({"loc": ("backend",), "type": "llfarm",
+                          "msg": f"unknown backend '{name}'{did_you_mean(name, backend_names())}; expected "
+                                 f"{one_of(backend_names())}"}, Strategy, ()))
+    options = data.get("backend_options")
+    if not isinstance(options, dict):
+        return problems                     # the schema reports the wrong type
+    backends = registry()
+    for bname, value in options.items():
+        if bname not in backends:
+            problems.append(({"loc": (bname,), "type": "llfarm",
+                              "msg": f"backend_options.{bname}: unknown backend '{bname}'"
+                                     f"{did_you_mean(str(bname), backends)}; expected {one_of(backends)}"},
+                             Strategy, ("backend_options",)))
+            continue
+        model = backends[bname].options
+        try:
+            model.model_validate(value if value is not None else {})
+        except ValidationError as exc:
+            problems += [(err, model, ("backend_options", bname)) for err in exc.errors()]
+    return problems
 
 
 def validate(data: dict[str, Any], *, file: Path | None = None,
              sources: dict[str, str] | None = None) -> Strategy:
     """The Strategy, or one StrategyError listing every problem with its key path and file:line."""
     sources = sources or {}
+    errors: list[tuple[dict[str, Any], type[BaseModel], tuple[Any, ...]]] = []
+    strategy = None
     try:
-        return Strategy.model_validate(data)
+        strategy = Strategy.model_validate(data)
     except ValidationError as exc:
-        errors = exc.errors()
-        found = []
-        for err in errors:
-            key = ".".join(str(p) for p in err["loc"])
-            origin = _origin(key, sources)
-            found.append((_describe(err), origin))
-        if len(found) == 1:
-            problem, origin = found[0]
-            problems, where = [problem], origin or (str(file) if file else None)
-        else:
-            problems = [f"{p} [{o}]" if o else p for p, o in found]
-            where = str(file) if file else None
-        raise StrategyError(problems, where=where,
-                            hint="see `llfarm strategies show quickstart` or the README's strategy reference"
-                            ) from None
+        errors += [(err, Strategy, ()) for err in exc.errors()]
+    errors += _backend_problems(data)
+    if not errors:
+        assert strategy is not None
+        return strategy
+    found = []
+    for err, root, base in errors:
+        key = err["ctx"]["key"] if err["type"] == "llfarm_combination" else \
+            ".".join(str(p) for p in (*base, *err["loc"]))
+        found.append((_describe(err, root, base), _origin(key, sources)))
+    if len(found) == 1:
+        problem, origin = found[0]
+        problems, where = [problem], origin or (str(file) if file else None)
+    else:
+        problems = [f"{p} [{o}]" if o else p for p, o in found]
+        where = str(file) if file else None
+    option_hints = {getattr(root, "HINT", None) for _, root, _ in errors} - {None}
+    hint = (next(iter(option_hints)) if len(option_hints) == 1 and len(errors) == 1 else
+            "see `llfarm strategies show quickstart` or the README's strategy reference")
+    raise StrategyError(problems, where=where, hint=hint) from None
+
+
+def strategy_keys() -> set[str]:
+    """Every key path of the schema (training.learning_rate, ...)."""
+    def walk(model: type[BaseModel], prefix: str) -> set[str]:
+        out: set[str] = set()
+        for name, info in model.model_fields.items():
+            ann = info.annotation
+            if isinstance(ann, type) and issubclass(ann, BaseModel):
+                out |= walk(ann, f"{prefix}{name}.")
+            else:
+                out.add(prefix + name)
+        return out
+    return walk(Strategy, "")
 
 
 def _origin(key: str, sources: dict[str, str]) -> str | None:

@@ -1,13 +1,13 @@
 """Chat templates: one definition per name in ``templates/``, shared by training, generation and export.
 
 A template YAML holds the Hugging Face chat template (jinja), the Ollama TEMPLATE (Go syntax, or null when
-there is no faithful Ollama form), the end-of-turn marker, the special tokens it needs, and the names of the
-same format in backends that keep their own registry. ``template:`` in a strategy is a shipped name or a path.
+there is no faithful Ollama form) and the end-of-turn marker. Backends with a template registry of their own find
+their equivalent by rendering, not by name. ``template:`` in a strategy is a shipped name or a path.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -26,10 +26,8 @@ class ChatTemplate:
     jinja: str
     description: str = ""
     eos: str | None = None
-    special_tokens: tuple[str, ...] = ()
     ollama: str | None = None
     ollama_stop: tuple[str, ...] = ()
-    backends: dict[str, str | None] = field(default_factory=dict)
     path: Path | None = None
 
     def render(self, messages: list[dict[str, str]], *, add_generation_prompt: bool = False,
@@ -37,12 +35,6 @@ class ChatTemplate:
         """Render messages exactly as the tokenizer's chat template would (no torch needed)."""
         return _compile(self.jinja).render(messages=messages, add_generation_prompt=add_generation_prompt,
                                            bos_token=bos_token, eos_token=eos_token)
-
-    def end_of_turn(self, eos_token: str) -> str:
-        return self.eos or eos_token
-
-    def backend_name(self, backend: str) -> str | None:
-        return self.backends.get(backend)
 
 
 @lru_cache(maxsize=32)
@@ -78,7 +70,6 @@ def load_template(ref: str) -> ChatTemplate:
                             hint="copy one from templates/ (chatml.yaml) and edit it")
     return ChatTemplate(
         name=str(data["name"]), jinja=str(data["jinja"]), description=str(data.get("description", "")),
-        eos=data.get("eos"), special_tokens=tuple(data.get("special_tokens") or ()),
-        ollama=data.get("ollama"), ollama_stop=tuple(data.get("ollama_stop") or ()),
-        backends=dict(data.get("backends") or {}), path=path.resolve(),
+        eos=data.get("eos"), ollama=data.get("ollama"), ollama_stop=tuple(data.get("ollama_stop") or ()),
+        path=path.resolve(),
     )

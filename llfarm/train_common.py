@@ -1,4 +1,4 @@
-"""Training pieces shared by the in-process trainers (the pytorch worker and the Unsloth script).
+"""Training pieces shared by every trainer process (llfarm.trainer, and LlamaFactory's entry for the tokenizer).
 
 Rendering uses the strategy's template (templates/), so training, generation and export agree on the text.
 Loss is on the answer only: SFT examples become token ids plus a completion mask (the final assistant turn).
@@ -33,46 +33,77 @@ def split_sft(template: ChatTemplate, messages: list[dict[str, str]], tokenizer)
     return prompt, full[len(prompt):]
 
 
+def tokenize_sft_batch(batch: dict[str, list], template: ChatTemplate, tokenizer, max_length: int
+                       ) -> dict[str, list[list[int]]]:
+    """``datasets.map(batched=True)``: messages → input_ids + completion_mask (1 on the final answer's tokens),
+    truncated to max_length. One tokenizer call per batch: the same ids as one call per example."""
+    prompts, completions = [], []
+    for messages in batch["messages"]:
+        prompt, completion = split_sft(template, messages, tokenizer)
+        prompts.append(prompt)
+        completions.append(completion)
+    p_ids = tokenizer(prompts, add_special_tokens=False)["input_ids"]
+    c_ids = tokenizer(completions, add_special_tokens=False)["input_ids"]
+    ids, masks = [], []
+    for p, c in zip(p_ids, c_ids, strict=True):
+        ids.append((p + c)[:max_length])
+        masks.append(([0] * len(p) + [1] * len(c))[:max_length])
+    return {"input_ids": ids, "completion_mask": masks}
+
+
+def render_preference_batch(batch: dict[str, list], template: ChatTemplate, tokenizer, max_length: int = 0
+                            ) -> dict[str, list[str]]:
+    """prompt/chosen/rejected strings for TRL's DPOTrainer (which tokenizes them and appends eos to each answer)."""
+    bos, eos = tokenizer.bos_token or "", tokenizer.eos_token or ""
+    return {"prompt": [template.render(p, add_generation_prompt=True, bos_token=bos, eos_token=eos)
+                       for p in batch["prompt"]],
+            "chosen": list(batch["chosen"]), "rejected": list(batch["rejected"])}
+
+
+def tokenize_pairs_batch(batch: dict[str, list], template: ChatTemplate, tokenizer, max_length: int
+                         ) -> dict[str, list[list[int]]]:
+    """chosen/rejected token ids (prompt + answer + end of turn) for TRL's RewardTrainer."""
+    bos, eos = tokenizer.bos_token or "", tokenizer.eos_token or ""
+    out: dict[str, list[list[int]]] = {}
+    for k in ("chosen", "rejected"):
+        texts = [template.render([*p, {"role": "assistant", "content": a}], bos_token=bos, eos_token=eos)
+                 for p, a in zip(batch["prompt"], batch[k], strict=True)]
+        out[f"{k}_input_ids"] = [ids[:max_length] for ids in
+                                 tokenizer(texts, add_special_tokens=False)["input_ids"]]
+    return out
+
+
+BATCH_FUNCTIONS = {"sft": tokenize_sft_batch, "dpo": render_preference_batch, "rm": tokenize_pairs_batch}
+
+
+def _columns(rows: list[dict[str, Any]]) -> dict[str, list]:
+    return {k: [r[k] for r in rows] for k in (rows[0] if rows else {})}
+
+
 def tokenize_sft(rows: list[dict[str, Any]], template: ChatTemplate, tokenizer, max_length: int
                  ) -> tuple[list[dict[str, list[int]]], int]:
     """Token ids with a completion mask; returns (examples, number dropped because the prompt filled max_length)."""
-    out, dropped = [], 0
-    for row in rows:
-        prompt, completion = split_sft(template, row["messages"], tokenizer)
-        p = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-        c = tokenizer(completion, add_special_tokens=False)["input_ids"]
-        ids = (p + c)[:max_length]
-        mask = ([0] * len(p) + [1] * len(c))[:max_length]
-        if sum(mask) == 0:
-            dropped += 1
-            continue
-        out.append({"input_ids": ids, "completion_mask": mask})
-    return out, dropped
+    if not rows:
+        return [], 0
+    b = tokenize_sft_batch(_columns(rows), template, tokenizer, max_length)
+    out = [{"input_ids": i, "completion_mask": m} for i, m in zip(b["input_ids"], b["completion_mask"], strict=True)
+           if any(m)]
+    return out, len(rows) - len(out)
 
 
 def render_preference(rows: list[dict[str, Any]], template: ChatTemplate, tokenizer) -> list[dict[str, str]]:
-    """prompt/chosen/rejected strings for TRL's DPOTrainer (which appends eos to each answer)."""
-    bos, eos = tokenizer.bos_token or "", tokenizer.eos_token or ""
-    return [{"prompt": template.render(r["prompt"], add_generation_prompt=True, bos_token=bos, eos_token=eos),
-             "chosen": r["chosen"], "rejected": r["rejected"]} for r in rows]
+    if not rows:
+        return []
+    b = render_preference_batch(_columns(rows), template, tokenizer)
+    return [dict(zip(b, v, strict=True)) for v in zip(*b.values(), strict=True)]
 
 
 def tokenize_pairs(rows: list[dict[str, Any]], template: ChatTemplate, tokenizer, max_length: int
                    ) -> list[dict[str, list[int]]]:
-    """chosen/rejected token ids (prompt + answer + end of turn) for TRL's RewardTrainer."""
-    out = []
-    for r in rows:
-        pair = {}
-        for k in ("chosen", "rejected"):
-            msgs = [*r["prompt"], {"role": "assistant", "content": r[k]}]
-            text = template.render(msgs, bos_token=tokenizer.bos_token or "", eos_token=tokenizer.eos_token or "")
-            pair[f"{k}_input_ids"] = tokenizer(text, add_special_tokens=False)["input_ids"][:max_length]
-        out.append(pair)
-    return out
-
-
-def lora_targets(target_modules: str | list[str]) -> str | list[str]:
-    return "all-linear" if target_modules == "all" else list(target_modules)
+    if not rows:
+        return []
+    b = tokenize_pairs_batch(_columns(rows), template, tokenizer, max_length)
+    return [dict(zip(b, v, strict=True)) for v in zip(*b.values(), strict=True)]
 
 
 def freeze_all_but_last(model, n_layers: int) -> list[str]:

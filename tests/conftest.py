@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,8 @@ import pytest
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# One data/token cache for the whole session, away from the user's ~/.cache/llfarm.
+os.environ.setdefault("LLFARM_CACHE", tempfile.mkdtemp(prefix="llfarm-test-cache-"))
 
 LLFARM = str(Path(sys.executable).parent / "llfarm")
 REPO = Path(__file__).resolve().parent.parent
@@ -48,3 +51,17 @@ def write(path: Path, text: str) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text, encoding="utf-8")
     return path
+
+
+HEAVY = ("torch", "transformers", "peft", "trl", "llamafactory", "unsloth", "datasets", "accelerate", "matplotlib")
+
+
+def heavy_imports(argv: list[str]) -> list[str]:
+    """The heavy libraries `llfarm <argv>` imports in the CLI process (it must succeed)."""
+    code = ("import sys\nfrom llfarm.cli import cli\n"
+            f"try:\n    cli({argv!r}, prog_name='llfarm')\nexcept SystemExit as e:\n    assert e.code in (0, None), e.code\n"
+            f"print('HEAVY', sorted(m for m in {HEAVY!r} if m in sys.modules))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd="/")
+    assert proc.returncode == 0, proc.stderr
+    line = next(ln for ln in proc.stdout.splitlines() if ln.startswith("HEAVY "))
+    return eval(line[len("HEAVY "):])  # noqa: S307 - our own printed list

@@ -1,9 +1,10 @@
 """The shared backend suite: every registered backend runs the same strategies (SFT LoRA, SFT full, DPO, RM)
 for a few steps on the tiny model, and the same assertions hold on the normalized run directory.
 
-A backend that cannot run a case is marked per case with the reason (ibis-style): `notimpl` (we could
-add it) and `never` (the library cannot) are strict xfails — a case that starts passing fails the suite until
-its marker is removed. Cases needing hardware this machine lacks are skipped with that reason.
+A backend that cannot run a case is marked per case with the reason (ibis-style): `never` (the library cannot) is a
+strict xfail naming the exception — a case that starts passing fails the suite until its marker is removed. Cases
+needing hardware this machine lacks are skipped with that reason. tests/test_backend_contract.py holds the
+compile-level contract every backend passes on any machine.
 """
 
 from __future__ import annotations
@@ -20,10 +21,6 @@ CASES = {
     "dpo_lora": ("dpo", ["training.max_steps=16"]),
     "rm_lora": ("reward_model", ["training.max_steps=32"]),
 }
-
-
-def notimpl(reason: str):
-    return pytest.mark.xfail(strict=True, reason=f"notimpl: {reason}")
 
 
 def never(reason: str):

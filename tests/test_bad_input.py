@@ -179,7 +179,7 @@ def test_other_commands_report_the_same_way(tmp_path, command):
 
 def test_unknown_backend_option_for_pytorch(tmp_path):
     s = strategy(tmp_path, GOOD + "backend_options: {pytorch: {optimm: adamw_torch}}\n")
-    fails(tmp_path, s, expect=["backend_options.pytorch", "unknown key 'optimm'", "did you mean 'optim'"])
+    fails(tmp_path, s, expect=["unknown key 'backend_options.pytorch.optimm'", "did you mean 'optim'", "s.yaml:6"])
 
 
 def test_unwritable_output_folder(tmp_path):

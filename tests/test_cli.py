@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import pytest
-from conftest import llfarm
+from conftest import heavy_imports, llfarm
 from test_strategy import SHIPPED
 
 
@@ -19,13 +16,7 @@ def test_help_lists_commands():
 
 @pytest.mark.parametrize("argv", [["--help"], ["plan", "quickstart"], ["validate", "dpo"], ["backends"]])
 def test_fast_commands_do_not_import_heavy_libraries(argv):
-    code = ("import sys\nfrom llfarm.cli import cli\n"
-            f"try:\n    cli({argv!r}, prog_name='llfarm')\nexcept SystemExit as e:\n    assert e.code in (0, None), e.code\n"
-            "heavy = sorted(m for m in ('torch', 'transformers', 'peft', 'trl', 'llamafactory', 'unsloth', "
-            "'datasets', 'matplotlib') if m in sys.modules)\nprint('HEAVY', heavy)")
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd="/")
-    assert proc.returncode == 0, proc.stderr
-    assert "HEAVY []" in proc.stdout, proc.stdout[-500:]
+    assert heavy_imports(argv) == []
 
 
 @pytest.mark.parametrize("name", SHIPPED)

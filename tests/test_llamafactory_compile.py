@@ -1,11 +1,9 @@
 """The LlamaFactory backend's compile step (no training): the YAML and dataset_info.json it writes for
-sft/dpo/rm × lora/full/freeze (golden files plus key-by-key checks), LlamaFactory's own parser
-(`get_train_args`) accepting every one of them, the shipped key/template list matching the installed
-LlamaFactory, the template parity simulation matching LlamaFactory's real templates, and the errors it raises
-before anything runs.
+sft/dpo/rm × lora/full/freeze (key by key), LlamaFactory's own parser (`get_train_args`) accepting every one of
+them, the shipped key/template data matching the installed LlamaFactory, the template parity simulation matching
+LlamaFactory's real templates, and the errors it raises before anything runs.
 
 LlamaFactory is imported once, in one subprocess (the "oracle"), never in the pytest process.
-Regenerate the golden files with LLFARM_UPDATE_GOLDEN=1.
 """
 
 from __future__ import annotations
@@ -20,13 +18,15 @@ import pytest
 import yaml
 from conftest import REPO, llfarm, write
 from llfarm.backends import llamafactory as lf
+from llfarm.backends.llamafactory import keys, parity
+from llfarm.backends.llamafactory.config import DEFAULTS, OWNED, TRAIN_YAML
+from llfarm.backends.llamafactory.data import DATASET_INFO
 
 from llfarm.errors import DataError, StrategyError, UnsupportedError
 from llfarm.platform import detect
 from llfarm.runner import create_run, prepare_run
 from llfarm.strategy import resolve
 
-GOLDEN = REPO / "tests" / "golden" / "llamafactory"
 STAGES = ("sft", "dpo", "rm")
 METHODS = ("lora", "full", "freeze")
 
@@ -55,8 +55,8 @@ def compile_case(tmp: Path, stage: str, method: str, extra: list[str] = (), text
     strategy = write(tmp / "lfc.yaml", text)
     prep = prepare_run(resolve(strategy, [*overrides_for(stage, method), *extra]), "llamafactory")
     ctx, plan = create_run(prep, tmp / "runs", run_id=f"{stage}-{method}")
-    config = yaml.safe_load((ctx.run.native / lf.TRAIN_YAML).read_text())
-    info = json.loads((ctx.run.native / lf.DATASET_INFO).read_text())
+    config = yaml.safe_load((ctx.run.native / TRAIN_YAML).read_text())
+    info = json.loads((ctx.run.native / DATASET_INFO).read_text())
     return ctx, plan, config, info
 
 
@@ -77,8 +77,9 @@ os.environ["DISABLE_VERSION_CHECK"] = "1"
 import yaml
 req = json.loads(open(sys.argv[1]).read())
 out = {}
-from llfarm.backends.llamafactory import installed_keys, SAMPLES
-out["installed"] = installed_keys()
+from llfarm.backends.llamafactory.keys import installed
+from llfarm.backends.llamafactory.parity import SAMPLES
+out["installed"] = installed()
 from llamafactory.hparams import get_train_args
 out["parsed"] = {}
 for path in req["yamls"]:
@@ -126,7 +127,7 @@ def oracle(compiled, tmp_path_factory):
     """Ask the installed LlamaFactory (one subprocess): its keys/templates, get_train_args on every compiled
     YAML, and what its templates render."""
     tmp = tmp_path_factory.mktemp("oracle")
-    req = {"yamls": [str(ctx.run.native / lf.TRAIN_YAML) for ctx, _, _, _ in compiled.values()],
+    req = {"yamls": [str(ctx.run.native / TRAIN_YAML) for ctx, _, _, _ in compiled.values()],
            "tokenizer": str(REPO / "llfarm" / "builtin" / "tiny-llama"), "out": str(tmp / "out.json")}
     (tmp / "req.json").write_text(json.dumps(req))
     proc = subprocess.run([sys.executable, "-c", ORACLE, str(tmp / "req.json")], capture_output=True, text=True,
@@ -138,22 +139,6 @@ def oracle(compiled, tmp_path_factory):
 def normalize(text: str, ctx) -> str:
     return (text.replace(str(ctx.run.root.resolve()), "$RUN").replace(str(ctx.run.root), "$RUN")
             .replace(ctx.model_path, "$MODEL"))
-
-
-# ---------------------------------------------------------------- golden files
-
-@pytest.mark.parametrize("stage", STAGES)
-@pytest.mark.parametrize("method", METHODS)
-def test_golden_yaml_and_dataset_info(compiled, stage, method):
-    ctx, _, _, _ = compiled[(stage, method)]
-    for name in (lf.TRAIN_YAML, lf.DATASET_INFO):
-        got = normalize((ctx.run.native / name).read_text(), ctx)
-        golden = GOLDEN / f"{stage}_{method}" / name
-        if os.environ.get("LLFARM_UPDATE_GOLDEN"):
-            golden.parent.mkdir(parents=True, exist_ok=True)
-            golden.write_text(got)
-        assert golden.is_file(), f"missing {golden}: run with LLFARM_UPDATE_GOLDEN=1"
-        assert got == golden.read_text(), f"{name} differs from {golden}"
 
 
 # ---------------------------------------------------------------- key by key
@@ -179,11 +164,11 @@ def test_keys(compiled, stage, method):
     assert "quantization_bit" not in c
     # data: the core's normalized files, registered with absolute paths
     assert c["dataset"] == "llfarm_train" and c["eval_dataset"] == "llfarm_eval" and "val_size" not in c
-    assert c["dataset_dir"] == str(run.native.resolve()) and Path(c["dataset_dir"]).is_absolute()
+    assert c["dataset_dir"] == str(run.native) and Path(c["dataset_dir"]).is_absolute()
     assert c["template"] == "chatml" and c["default_system"] == "" and c["cutoff_len"] == 96
     assert c.get("mask_history", False) is (stage == "sft")
     # output: LlamaFactory writes into checkpoints/; llfarm decides resume
-    assert c["output_dir"] == str(run.checkpoints.resolve())
+    assert c["output_dir"] == str(run.checkpoints)
     assert c["overwrite_output_dir"] is True and c["resume_from_checkpoint"] is None
     assert c["report_to"] == "none" and c["logging_steps"] == 2 and c["logging_first_step"] is True
     assert (c["save_steps"], c["save_total_limit"]) == (5, 3)
@@ -194,7 +179,9 @@ def test_keys(compiled, stage, method):
     assert c["disable_gradient_checkpointing"] is True
     assert (c["eval_strategy"], c["eval_steps"], c["per_device_eval_batch_size"]) == ("steps", 3, 4)
     # fp32 on CPU: neither bf16 nor fp16
-    assert "bf16" not in c and "fp16" not in c and c["use_cpu"] is True
+    assert c["bf16"] is False and c["fp16"] is False and c["use_cpu"] is True
+    # every key written is declared once (OWNED / DEFAULTS) or came from backend_options
+    assert set(c) - set(OWNED) - set(DEFAULTS) == {"optim", "flash_attn"}
     # raw keys pass through
     assert (c["optim"], c["flash_attn"]) == ("adamw_torch", "sdpa")
     # dataset_info.json
@@ -218,11 +205,11 @@ def test_keys(compiled, stage, method):
                                "chosen": {"role": "assistant", "content": src[0]["chosen"]},
                                "rejected": {"role": "assistant", "content": src[0]["rejected"]}}
     # the command: the entry module, no torchrun, version check off, offline for a local model
-    assert plan.argv[1:4] == ["-m", "llfarm.backends.llamafactory_entry", str(run.native / lf.TRAIN_YAML)]
+    assert plan.argv[1:4] == ["-m", "llfarm.backends.llamafactory.entry", str(run.native / TRAIN_YAML)]
     assert plan.env == {"DISABLE_VERSION_CHECK": "1", "HF_HUB_OFFLINE": "1"} and plan.cwd == run.root
     cmd = (run.native / "command.txt").read_text()
-    assert "llfarm.backends.llamafactory_entry" in cmd and "FORCE_TORCHRUN" not in cmd
-    assert plan.files == [run.native / lf.TRAIN_YAML, run.native / lf.DATASET_INFO]
+    assert "llfarm.backends.llamafactory.entry" in cmd and "FORCE_TORCHRUN" not in cmd
+    assert plan.files == [run.native / TRAIN_YAML, run.native / DATASET_INFO]
 
 
 # ---------------------------------------------------------------- LlamaFactory's own parser
@@ -231,7 +218,7 @@ def test_keys(compiled, stage, method):
 @pytest.mark.parametrize("method", METHODS)
 def test_get_train_args_accepts_the_compiled_yaml(compiled, oracle, stage, method):
     ctx, _, c, _ = compiled[(stage, method)]
-    parsed = oracle["parsed"][str(ctx.run.native / lf.TRAIN_YAML)]
+    parsed = oracle["parsed"][str(ctx.run.native / TRAIN_YAML)]
     assert parsed["ok"], parsed.get("error")
     assert (parsed["stage"], parsed["finetuning_type"], parsed["template"]) == (stage, method, "chatml")
     assert parsed["dataset"] == ["llfarm_train"] and parsed["eval_dataset"] == ["llfarm_eval"]
@@ -245,41 +232,48 @@ def test_get_train_args_accepts_the_compiled_yaml(compiled, oracle, stage, metho
         assert (parsed["pref_beta"], parsed["pref_loss"]) == (0.2, "hinge")
 
 
-def test_shipped_key_list_matches_installed_llamafactory(oracle):
-    shipped = lf._read_key_file()
+def test_shipped_key_data_matches_installed_llamafactory(oracle):
+    shipped = keys.known()
     installed = oracle["installed"]
-    regenerate = "regenerate: python -m llfarm.backends.llamafactory --write-keys"
-    assert sorted(shipped["keys"]) == installed["keys"], regenerate
-    assert shipped["templates"] == installed["templates"]
+    regenerate = "regenerate: python -m llfarm.backends.llamafactory.keys --write"
+    assert shipped["llamafactory"] == installed["llamafactory"], regenerate
+    assert shipped["keys"] == installed["keys"], regenerate
+    assert shipped["templates"] == installed["templates"], regenerate
+
+
+def test_key_data_ships_as_package_data():
+    import fnmatch
+    tomllib = pytest.importorskip("tomllib")            # Python 3.11+
+    pyproject = tomllib.loads((REPO / "pyproject.toml").read_text())
+    patterns = pyproject["tool"]["setuptools"]["package-data"]["llfarm.backends.llamafactory"]
+    assert any(fnmatch.fnmatch("keys.json", p) for p in patterns)
 
 
 def test_template_simulation_matches_llamafactory(oracle):
     """lf_render (used before launch, without LlamaFactory) renders what LlamaFactory's templates tokenize."""
-    specs = lf.known()["templates"]
+    specs = keys.known()["templates"]
     print(f"{len(oracle['renders'])} template x conversation cases")
     assert len(oracle["renders"]) > 150
     for key, real in oracle["renders"].items():
         name, case = key.split("|")
-        assert list(lf.lf_render(specs[name], lf.SAMPLES[case])) == real, key
+        assert list(parity.lf_render(specs[name], parity.SAMPLES[case])) == real, key
 
 
-def test_shipped_templates_agree_with_llamafactory(oracle):
-    """chatml and llama3 render exactly as in LlamaFactory; alpaca only without a system message; plain has no
-    LlamaFactory equivalent (its mapping, `empty`, drops the newline and eos)."""
+def test_shipped_templates_are_recognised_by_rendering(oracle):
+    """chatml and llama3 find their LlamaFactory twin for every conversation shape; alpaca only without a system
+    message; plain has none. The twin's real rendering (the oracle) equals llfarm's."""
     from llfarm.templates import load_template
-    specs = lf.known()["templates"]
-    agree = {}
-    assert load_template("plain").backend_name("llamafactory") is None
-    assert not any(lf.llfarm_render(load_template("plain"), msgs) == tuple(lf.lf_render(specs["empty"], msgs))
-                   for msgs in lf.SAMPLES.values()), "LlamaFactory's closest template, empty, differs"
-    for name in ("chatml", "llama3", "alpaca"):
-        t = load_template(name)
-        lf_name = t.backend_name("llamafactory")
-        agree[name] = {case: lf.llfarm_render(t, msgs) == tuple(oracle["renders"].get(f"{lf_name}|{case}") or
-                                                                lf.lf_render(specs[lf_name], msgs))
-                       for case, msgs in lf.SAMPLES.items()}
-    assert all(agree["chatml"].values()) and all(agree["llama3"].values())
-    assert agree["alpaca"] == {"single": True, "system": False, "multi-turn": True}
+    every = list(parity.SAMPLES)
+    for name in ("chatml", "llama3"):
+        assert parity.lf_template_for(load_template(name), every) == name
+        for case, msgs in parity.SAMPLES.items():
+            assert list(parity.llfarm_render(load_template(name), msgs)) == oracle["renders"][f"{name}|{case}"]
+    alpaca = load_template("alpaca")
+    assert parity.lf_template_for(alpaca, ["single", "multi-turn"]) == "alpaca"
+    with pytest.raises(UnsupportedError, match="for a system conversation llfarm's 'alpaca' trains on"):
+        parity.lf_template_for(alpaca, every)
+    with pytest.raises(UnsupportedError, match="template 'plain' has no LlamaFactory equivalent"):
+        parity.lf_template_for(load_template("plain"), ["single"])
 
 
 # ---------------------------------------------------------------- other mappings
@@ -296,19 +290,19 @@ def on_cuda(monkeypatch):
 
 def test_precision_on_cpu(tmp_path):
     _, _, c, _ = compile_case(tmp_path / "bf16", "sft", "lora", ["training.precision=bf16"])
-    assert c["bf16"] is True and c["use_cpu"] is True and "fp16" not in c
+    assert c["bf16"] is True and c["use_cpu"] is True and c["fp16"] is False
     _, _, c, _ = compile_case(tmp_path / "fp16", "sft", "lora", ["training.precision=fp16"])
-    assert c["fp16"] is True and c["use_cpu"] is True and "bf16" not in c
+    assert c["fp16"] is True and c["use_cpu"] is True and c["bf16"] is False
 
 
 def test_cuda_qlora_bf16_and_torchrun(tmp_path, on_cuda):
     ctx, plan, c, _ = compile_case(tmp_path / "q", "sft", "qlora", ["distributed.launcher=torchrun",
                                                                    "distributed.nproc_per_node=2"])
-    assert ctx.precision == "bf16" and c["bf16"] is True and "use_cpu" not in c
+    assert ctx.precision == "bf16" and c["bf16"] is True and c["use_cpu"] is False
     assert (c["finetuning_type"], c["quantization_bit"], c["quantization_method"]) == ("lora", 4, "bnb")
     assert c["quantization_type"] == "nf4" and c["double_quantization"] is True
     assert plan.argv[1:5] == ["-m", "torch.distributed.run", "--nproc_per_node=2", "--nnodes=1"]
-    assert plan.argv[5:7] == ["-m", "llfarm.backends.llamafactory_entry"]
+    assert plan.argv[5:7] == ["-m", "llfarm.backends.llamafactory.entry"]
     _, _, c, _ = compile_case(tmp_path / "q8", "sft", "lora", ["model.quantization=8bit"])
     assert c["quantization_bit"] == 8
 
@@ -320,16 +314,15 @@ def test_resume_is_explicit(tmp_path):
     ckpt.mkdir()
     resumed = CompileContext(**{**ctx.__dict__, "resume_from": ckpt})
     lf.backend.compile(resumed)
-    c = yaml.safe_load((ctx.run.native / lf.TRAIN_YAML).read_text())
-    assert c["resume_from_checkpoint"] == str(ckpt.resolve()) and c["overwrite_output_dir"] is True
+    c = yaml.safe_load((ctx.run.native / TRAIN_YAML).read_text())
+    assert c["resume_from_checkpoint"] == str(ckpt) and c["overwrite_output_dir"] is True
 
 
 def test_rm_resume_is_refused(tmp_path):
-    from llfarm.backend import CompileContext
     ctx, _, _, _ = compile_case(tmp_path, "rm", "lora")
-    resumed = CompileContext(**{**ctx.__dict__, "resume_from": ctx.run.checkpoints / "checkpoint-5"})
-    with pytest.raises(UnsupportedError, match="cannot resume reward-model training"):
-        lf.backend.compile(resumed)
+    with pytest.raises(UnsupportedError, match="cannot resume a stage 'rm' run: .*value head"):
+        lf.backend.check_resume(ctx.strategy)
+    lf.backend.check_resume(compile_case(tmp_path / "sft", "sft", "lora")[0].strategy)
 
 
 def test_multi_turn_and_system_data(tmp_path):
@@ -360,14 +353,17 @@ def test_option_checks_import_nothing_heavy():
     assert proc.returncode == 0, proc.stderr
 
 
-@pytest.mark.parametrize("options,message", [
-    ({"lora_rnk": 4}, "has no config key 'lora_rnk' (did you mean 'lora_rank'?)"),
-    ({"output_dir": "/x"}, "'output_dir' is set by llfarm"),
-    ({"lora_rank": 4}, "comes from the strategy field method.r"),
+@pytest.mark.parametrize("option,message", [
+    ("lora_rnk=4", "unknown key 'backend_options.llamafactory.lora_rnk' (did you mean 'lora_rank'?)"),
+    ("output_dir=/x", "'backend_options.llamafactory.output_dir' is llfarm's to set"),
+    ("lora_rank=4", "'backend_options.llamafactory.lora_rank' comes from the strategy field method.r"),
+    ("learning_rate=0.1", "comes from the strategy field training.learning_rate"),
 ])
-def test_backend_option_errors(options, message):
-    with pytest.raises(StrategyError, match=message.replace("(", r"\(").replace(")", r"\)").replace("?", r"\?")):
-        lf.backend.check_options(options)
+def test_backend_option_errors(option, message):
+    """Options are checked when the strategy is resolved, like any strategy key (and before anything runs)."""
+    with pytest.raises(StrategyError) as exc:
+        resolve("quickstart", [f"backend_options.llamafactory.{option}"])
+    assert message in str(exc.value)
 
 
 # ---------------------------------------------------------------- bad input through the CLI: one line, exit 2
@@ -389,21 +385,18 @@ def test_cli_unknown_llamafactory_key(tmp_path):
           expect=["backend_options.llamafactory.learning_rat", "did you mean 'learning_rate'"])
 
 
-def test_cli_template_llamafactory_does_not_know(tmp_path):
+def test_a_users_template_is_matched_by_what_it_renders(tmp_path):
+    """A template of the user's own (another name, ChatML's text) runs on LlamaFactory's chatml."""
     from llfarm.templates import load_template
     src = yaml.safe_load(load_template("chatml").path.read_text())
-    src["backends"] = {"llamafactory": "chatmll"}
+    src["name"] = "my-chat"
     tpl = write(tmp_path / "mine.yaml", yaml.safe_dump(src))
-    fails(tmp_path, "quickstart", "--set", f"template={tpl}",
-          expect=["no template 'chatmll'", "did you mean 'chatml'"])
-
-
-def test_cli_template_without_llamafactory_name(tmp_path):
-    from llfarm.templates import load_template
-    src = yaml.safe_load(load_template("chatml").path.read_text())
-    src["backends"] = {}
-    tpl = write(tmp_path / "mine.yaml", yaml.safe_dump(src))
-    fails(tmp_path, "quickstart", "--set", f"template={tpl}", expect=["has no LlamaFactory equivalent"])
+    _, _, c, _ = compile_case(tmp_path / "ok", "sft", "lora", [f"template={tpl}"])
+    assert c["template"] == "chatml"
+    src["jinja"] = src["jinja"].replace("<|im_start|>", "<|turn|>")
+    odd = write(tmp_path / "odd.yaml", yaml.safe_dump(src))
+    fails(tmp_path, "quickstart", "--set", f"template={odd}",
+          expect=["template 'my-chat' has no LlamaFactory equivalent", "odd.yaml", "--backend pytorch"])
 
 
 def test_cli_template_that_renders_differently(tmp_path):
@@ -426,4 +419,4 @@ def test_cli_quantized_full_finetuning(tmp_path, on_cuda):
 def test_cli_model_dtype_llamafactory_cannot_honour(tmp_path):
     fails(tmp_path, "quickstart", "--set", "model.dtype=bfloat16", expect=["model.dtype", "training.precision: bf16"])
     _, _, c, _ = compile_case(tmp_path / "ok", "sft", "lora", ["model.dtype=float32"])
-    assert "bf16" not in c
+    assert c["bf16"] is False

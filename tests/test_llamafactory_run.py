@@ -66,13 +66,13 @@ def test_sft_run_directory_equals_pytorch(root):
     # the adapter's tokenizer carries the template (same chat template and eos as the pytorch backend's)
     assert (lf / "adapter/chat_template.jinja").read_text() == (pt / "adapter/chat_template.jinja").read_text()
     assert json.loads((lf / "adapter/tokenizer_config.json").read_text())["eos_token"] == "<|im_end|>"
-    # command.txt: cd <run> && env ... <python> -m llfarm.backends.llamafactory_entry <yaml> ...
+    # command.txt: cd <run> && env ... <python> -m llfarm.backends.llamafactory.entry <yaml> ...
     cmd = (lf / "native/command.txt").read_text().strip()
     cd, rest = cmd.split(" && ", 1)
     argv = shlex.split(rest)
     assert shlex.split(cd) == ["cd", str(lf)]
     assert argv[:2] == ["DISABLE_VERSION_CHECK=1", "HF_HUB_OFFLINE=1"]
-    assert argv[3:6] == ["-m", "llfarm.backends.llamafactory_entry", str(lf / "native/llamafactory_train.yaml")]
+    assert argv[3:6] == ["-m", "llfarm.backends.llamafactory.entry", str(lf / "native/llamafactory_train.yaml")]
 
 
 def test_metrics_rows_have_the_pytorch_keys(root):

@@ -31,15 +31,16 @@ def test_plan_only_builds_model_and_data_and_compiles_both(bench, tmp_path, caps
     assert (config["hidden_size"], config["num_hidden_layers"], config["vocab_size"]) == (64, 2, 1024)
     rows = (work / "train.jsonl").read_text().splitlines()
     assert len(rows) == 4 * 4                                   # steps × batch size: one example per sequence
-    unsloth = json.loads((work / "plans" / "unsloth" / "native" / "unsloth_config.json").read_text())
-    pytorch = json.loads((work / "plans" / "pytorch" / "native" / "train_config.json").read_text())
-    assert unsloth["from_pretrained"]["load_in_4bit"] is True and pytorch["model"]["quantization"] == "4bit"
-    assert unsloth["from_pretrained"]["use_gradient_checkpointing"] == "unsloth"
-    assert pytorch["training"]["gradient_checkpointing"] is True
-    assert unsloth["training_args"]["max_steps"] == pytorch["training"]["max_steps"] == 4
-    assert unsloth["training_args"]["per_device_train_batch_size"] == pytorch["training"]["batch_size"] == 4
-    assert unsloth["from_pretrained"]["max_seq_length"] == pytorch["data"]["max_length"] == 32
-    assert unsloth["training_args"]["bf16"] is True and pytorch["training"]["precision"] == "bf16"
+    unsloth = json.loads((work / "plans" / "unsloth" / "native" / "trainer.json").read_text())
+    pytorch = json.loads((work / "plans" / "pytorch" / "native" / "trainer.json").read_text())
+    load = unsloth["unsloth"]["from_pretrained"]
+    assert load["load_in_4bit"] is True and pytorch["model"]["quantization"]["load_in_4bit"] is True
+    assert load["use_gradient_checkpointing"] == "unsloth"
+    assert pytorch["args"]["gradient_checkpointing"] is True
+    assert unsloth["args"]["max_steps"] == pytorch["args"]["max_steps"] == 4
+    assert unsloth["args"]["per_device_train_batch_size"] == pytorch["args"]["per_device_train_batch_size"] == 4
+    assert load["max_seq_length"] == pytorch["data"]["max_length"] == 32
+    assert unsloth["args"]["bf16"] is True and pytorch["args"]["bf16"] is True
     # the same job: both plans read the same normalized training data
     u = (work / "plans" / "unsloth" / "native" / "data" / "train.jsonl").read_text()
     assert u == (work / "plans" / "pytorch" / "native" / "data" / "train.jsonl").read_text()

@@ -53,9 +53,9 @@ def test_plan_works_without_a_gpu(tmp_path):
     assert "# backend: unsloth" in out
     assert "# platform: cuda (precision bf16)" in out
     assert "# note: planned for a CUDA GPU; this machine has" in out
-    assert "train_unsloth.py" in out and "unsloth_config.json" in out
+    assert "train_unsloth.py" in out and "trainer.json" in out
     assert "FastLanguageModel.from_pretrained(" in out and "FastLanguageModel.get_peft_model(" in out
-    assert '"load_in_4bit": false' in out
+    assert '"load_in_4bit": false' in out and '"learning_rate": 0.01' in out
 
 
 def test_plan_out_writes_a_script_that_compiles(tmp_path):
@@ -64,8 +64,8 @@ def test_plan_out_writes_a_script_that_compiles(tmp_path):
     assert proc.returncode == 0, proc.stderr
     script = target / "native" / "train_unsloth.py"
     py_compile.compile(str(script), cfile=str(tmp_path / "x.pyc"), doraise=True)
-    assert '"load_in_4bit": true' in (target / "native" / "unsloth_config.json").read_text()
-    assert (target / "native" / "command.txt").read_text().strip().endswith("native/unsloth_config.json")
+    assert '"load_in_4bit": true' in (target / "native" / "trainer.json").read_text()
+    assert (target / "native" / "command.txt").read_text().strip().endswith("native/trainer.json")
 
 
 def test_shipped_unsloth_strategy_plans(tmp_path):

@@ -88,7 +88,7 @@ def check_run_dir(run: Path, stage: str, output: str) -> dict:
     assert m["output_kind"] == output
     assert {"manifest.json", "strategy.yaml", "native", "logs", "metrics.jsonl", "checkpoints", "loss.png",
             output} == {p.name for p in run.iterdir()}
-    assert {"train_unsloth.py", "unsloth_config.json", "command.txt", "data"} <= {p.name for p in
+    assert {"train_unsloth.py", "trainer.json", "command.txt", "data"} <= {p.name for p in
                                                                                  (run / "native").iterdir()}
     marker = "adapter_config.json" if output == "adapter" else "config.json"
     assert (run / output / marker).is_file() and (run / output / "tokenizer_config.json").is_file()
@@ -135,7 +135,7 @@ def test_dpo_script_runs_with_the_stand_in_and_resumes(stand_in, tmp_path):
     assert run_dir_from(resumed) == run_dir
     m = manifest(run_dir)
     assert m["status"] == "completed" and m["resumed_from"] == "checkpoints/checkpoint-4"
-    assert json.loads((run_dir / "native" / "unsloth_config.json").read_text())["resume_from"].endswith(
+    assert json.loads((run_dir / "native" / "trainer.json").read_text())["resume_from"].endswith(
         "checkpoint-4")
     steps = [r["step"] for r in metrics(run_dir) if "loss" in r]
     assert max(steps) == 6 and steps.count(4) == 1
@@ -157,7 +157,7 @@ def test_script_without_a_gpu_fails_with_one_clear_line(tmp_path):
     fake = write(tmp_path / "nogpu" / "unsloth" / "__init__.py",
                  'raise NotImplementedError("Unsloth cannot find any torch accelerator? You need a GPU.")\n')
     child = subprocess.run([sys.executable, str(plan_dir / "native" / "train_unsloth.py"),
-                            str(plan_dir / "native" / "unsloth_config.json")],
+                            str(plan_dir / "native" / "trainer.json")],
                            env=dict(os.environ, PYTHONPATH=str(fake.parent.parent)), capture_output=True,
                            text=True, timeout=120, check=False)
     assert child.returncode == 1

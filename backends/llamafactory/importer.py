@@ -1,0 +1,142 @@
+"""`llfarm import --from llamafactory`: a LlamaFactory training YAML → an llfarm strategy.
+
+The inverse of config.py: LlamaFactory's keys back to strategy fields (the same pairs OWNED declares), its
+datasets resolved through dataset_info.json to files llfarm reads (LlamaFactory's alpaca, ShareGPT, OpenAI-message
+and ranking forms are all llfarm formats). Importing the YAML `llfarm plan --backend llamafactory` writes gives back
+an equivalent strategy (tested).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from llfarm.importers import (
+    Importer,
+    Imported,
+    names,
+    one_of_values,
+    optimizer,
+    positive_or_none,
+    report_to,
+    scheduler,
+    template_name,
+)
+
+from .config import FLASH_ATTN
+
+ATTENTION = {v: k for k, v in FLASH_ATTN.items()}
+
+
+def _special(c: dict[str, Any], out: Imported, base: Path) -> None:
+    ftype = c.pop("finetuning_type", "lora")
+    bits = c.pop("quantization_bit", None)
+    if ftype == "lora":
+        out.set("method.type", "qlora" if bits == 4 else "lora")
+        if bits == 8:
+            out.set("model.quantization", "8bit")
+    elif ftype in ("full", "freeze"):
+        out.set("method.type", ftype)
+    else:
+        out.not_mapped["finetuning_type"] = f"llfarm's methods are lora, qlora, full, freeze; not '{ftype}'"
+    bf16, fp16 = c.pop("bf16", False), c.pop("fp16", False)
+    out.set("training.precision", "bf16" if bf16 else "fp16" if fp16 else "fp32")
+    if "pissa_init" in c:
+        if c.pop("pissa_init"):
+            out.set("method.init", "pissa")
+    if c.get("default_system") == "":
+        c.pop("default_system")                      # what llfarm itself writes: no system prompt
+    if c.get("save_steps", 0) >= 10**9:              # llfarm's "only at the end"
+        c.pop("save_steps")
+        out.set("training.save_every", None)
+    if c.get("max_samples") is None:
+        c.pop("max_samples", None)
+    folder = Path(c.pop("dataset_dir", "data"))
+    folder = folder if folder.is_absolute() else base / folder
+    for key, target in (("dataset", "data.train"), ("eval_dataset", "data.eval")):
+        if key in c:
+            sources = [_source(n, folder, out, key) for n in names(c.pop(key))]
+            sources = [s for s in sources if s]
+            if sources:
+                out.set(target, sources[0] if len(sources) == 1 else sources)
+
+
+def _source(name: str, folder: Path, out: Imported, key: str) -> str | None:
+    info_path = folder / "dataset_info.json"
+    info = json.loads(info_path.read_text(encoding="utf-8")) if info_path.is_file() else {}
+    entry = info.get(name)
+    if entry is None:
+        out.not_mapped[f"{key}: {name}"] = f"not in {info_path}; set data.train to its file"
+        return None
+    if "hf_hub_url" in entry:
+        return f"hf:{entry['hf_hub_url']}"
+    if "file_name" not in entry:
+        out.not_mapped[f"{key}: {name}"] = "dataset_info names no file_name or hf_hub_url"
+        return None
+    columns = entry.get("columns") or {}
+    custom = {k: v for k, v in columns.items() if k in ("prompt", "query", "response") and
+              v != {"prompt": "instruction", "query": "input", "response": "output"}[k]}
+    if custom:
+        out.set("data.columns", {{"prompt": "instruction", "query": "input", "response": "output"}[k]: v
+                                 for k, v in custom.items()})
+    path = Path(entry["file_name"])
+    return str(path if path.is_absolute() else (folder / path).resolve())
+
+
+def _stage(v: Any) -> str:
+    return one_of_values(("sft", "dpo", "rm"))(v)
+
+
+def _target(v: Any) -> Any:
+    return "all" if v == "all" else names(v)
+
+
+IMPORTER = Importer(
+    name="llamafactory",
+    detect=lambda c: "finetuning_type" in c or "stage" in c and "model_name_or_path" in c or "cutoff_len" in c,
+    special=_special,
+    rules={
+        "model_name_or_path": ("model.path", None), "model_revision": ("model.revision", None),
+        "trust_remote_code": ("model.trust_remote_code", bool), "quantization_type": ("model.quant_type", str),
+        "double_quantization": ("model.double_quant", bool), "stage": ("stage", _stage),
+        "lora_rank": ("method.r", int), "lora_alpha": ("method.alpha", int), "lora_dropout": ("method.dropout", float),
+        "lora_target": ("method.target_modules", _target), "freeze_trainable_layers": ("method.trainable_layers", int),
+        "use_dora": ("method.use_dora", bool), "use_rslora": ("method.use_rslora", bool),
+        "loraplus_lr_ratio": ("method.loraplus_lr_ratio", float), "additional_target": ("method.modules_to_save", names),
+        "pref_beta": ("preference.beta", float),
+        "pref_loss": ("preference.loss", one_of_values(("sigmoid", "hinge", "ipo"))),
+        "template": ("template", template_name), "cutoff_len": ("data.max_length", int),
+        "max_samples": ("data.max_samples", int), "val_size": ("data.eval_split", float),
+        "default_system": ("data.system", str), "num_train_epochs": ("training.epochs", float),
+        "max_steps": ("training.max_steps", positive_or_none),
+        "per_device_train_batch_size": ("training.batch_size", int),
+        "gradient_accumulation_steps": ("training.grad_accum", int), "learning_rate": ("training.learning_rate", float),
+        "lr_scheduler_type": ("training.scheduler", scheduler), "warmup_ratio": ("training.warmup_ratio", float),
+        "warmup_steps": ("training.warmup_steps", int), "weight_decay": ("training.weight_decay", float),
+        "max_grad_norm": ("training.max_grad_norm", float), "seed": ("training.seed", int),
+        "logging_steps": ("training.logging_steps", int), "save_steps": ("training.save_every", int),
+        "save_total_limit": ("training.keep_checkpoints", int), "eval_steps": ("training.eval_every", int),
+        "optim": ("training.optimizer", optimizer), "adam_beta1": ("training.adam_beta1", float),
+        "adam_beta2": ("training.adam_beta2", float), "adam_epsilon": ("training.adam_epsilon", float),
+        "tf32": ("training.tf32", bool), "neftune_alpha": ("training.neftune_alpha", float),
+        "packing": ("training.packing", bool), "flash_attn": ("training.attention", lambda v: ATTENTION[v]),
+        "train_sampling_strategy": ("training.group_by_length", lambda v: v == "group_by_length"),
+        "dataloader_num_workers": ("training.dataloader_workers", int),
+        "disable_gradient_checkpointing": ("training.gradient_checkpointing", lambda v: not v),
+        "report_to": ("tracking.report_to", report_to), "run_name": ("tracking.run_name", str),
+        "deepspeed": ("distributed.deepspeed", str),
+    },
+    managed={
+        "output_dir": "runs/<id>/checkpoints", "overwrite_output_dir": "llfarm decides resume", "do_train": "every run",
+        "plot_loss": "loss.png", "overwrite_cache": "the data cache", "preprocessing_num_workers": "the data cache",
+        "tokenized_path": "the data cache", "logging_first_step": "metrics.jsonl", "disable_tqdm": "the progress bar",
+        "include_num_input_tokens_seen": "tokens/s", "resume_from_checkpoint": "`llfarm resume`",
+        "save_only_model": "resumable checkpoints", "save_strategy": "training.save_every",
+        "eval_strategy": "training.eval_every", "per_device_eval_batch_size": "training.batch_size",
+        "use_cpu": "the platform", "ddp_timeout": "distributed", "mask_history": "the loss is on the final answer",
+        "quantization_method": "bitsandbytes", "data_seed": "training.seed", "freeze_trainable_modules": "all",
+        "remove_unused_columns": "llfarm's datasets", "logging_dir": "logs/ in the run directory",
+    },
+)
+

@@ -1,0 +1,204 @@
+"""The trainer child shared by every Hugging Face–based backend:
+
+    python -m llfarm.trainer native/trainer.json          # the transformers + PEFT loader (load_transformers)
+    python native/train_unsloth.py native/trainer.json    # the Unsloth backend: the same run(), its own loader
+
+``trainer.json`` is the spec ``llfarm.training.trainer_spec`` computed at compile time (``llfarm plan`` shows it).
+Only the model loader differs between backends; everything else is here, once:
+setup → load (the backend's loader) → data (rendered with the strategy's template) → TRL trainer → train → save →
+final metrics. metrics.jsonl is written while it trains.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from .train_common import tokenizer_for_template as prepare_tokenizer  # (light) for loaders: template + eos
+
+# (spec, template) -> (model, tokenizer, peft_config or None when the loader already added the adapter)
+Loader = Callable[[dict[str, Any], Any], tuple[Any, Any, Any]]
+
+
+def read_spec(path: str | Path) -> dict[str, Any]:
+    return json.loads(Path(path).read_text(encoding="utf-8"))
+
+
+def run(spec: dict[str, Any], load: Loader | None = None, *, extra_final: dict[str, Any] | None = None) -> int:
+    from transformers import set_seed
+
+    from .compat import ensure_warnings_issued, fix_trl_availability_flags
+    from .metrics import trainer_callback
+    from .templates import load_template
+
+    fix_trl_availability_flags()        # before any trl trainer module is imported
+    set_seed(spec["args"]["seed"])
+    template = load_template(spec["template"])
+    model, tokenizer, peft_config = (load or load_transformers)(spec, template)
+    ensure_warnings_issued(model)
+    if spec["freeze"]:
+        from .train_common import freeze_all_but_last
+        freeze_all_but_last(model, spec["freeze"]["trainable_layers"])
+    train = tokenized(spec, "train", template, tokenizer)
+    evals = tokenized(spec, "eval", template, tokenizer) if spec["data"]["eval"] else None
+    trainer = build_trainer(spec, model, tokenizer, train, evals, peft_config,
+                            [trainer_callback(spec["outputs"]["metrics"])])
+    if spec.get("loraplus_lr_ratio"):
+        trainer.optimizer = loraplus_optimizer(trainer, spec["loraplus_lr_ratio"])
+    result = trainer.train(resume_from_checkpoint=spec["resume_from"])
+    save(spec, trainer, tokenizer)
+    final = {"global_step": trainer.state.global_step, "train_runtime": result.metrics.get("train_runtime"),
+             "num_input_tokens_seen": trainer.state.num_input_tokens_seen, **(extra_final or {})}
+    if spec["stage"] == "rm":
+        final["train_pair_accuracy"], final["train_pair_accuracy_n"] = rm_accuracy(trainer.model, train)
+    Path(spec["outputs"]["final_metrics"]).write_text(json.dumps(final, indent=2) + "\n", encoding="utf-8")
+    return 0
+
+
+# ---------------------------------------------------------------- loading: transformers + PEFT
+
+def load_transformers(spec: dict[str, Any], template) -> tuple[Any, Any, Any]:
+    """transformers' Auto classes, bitsandbytes when asked; the adapter is a LoraConfig TRL applies."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+
+    m = spec["model"]
+    tokenizer = AutoTokenizer.from_pretrained(m["path"], revision=m["revision"],
+                                              trust_remote_code=m["trust_remote_code"])
+    tokenizer = prepare_tokenizer(tokenizer, template)
+    kwargs: dict[str, Any] = {"revision": m["revision"], "trust_remote_code": m["trust_remote_code"],
+                              "dtype": getattr(torch, m["dtype"])}
+    if m.get("attn_implementation"):
+        kwargs["attn_implementation"] = m["attn_implementation"]
+    quant = m["quantization"]
+    if quant:
+        from transformers import BitsAndBytesConfig
+        q = dict(quant)
+        if "bnb_4bit_compute_dtype" in q:
+            q["bnb_4bit_compute_dtype"] = getattr(torch, q["bnb_4bit_compute_dtype"])
+        kwargs["quantization_config"] = BitsAndBytesConfig(**q)
+    if m["task"] == "sequence_classification":
+        model = AutoModelForSequenceClassification.from_pretrained(m["path"], num_labels=1, **kwargs)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(m["path"], **kwargs)
+    model.config.pad_token_id = tokenizer.pad_token_id
+    if quant:
+        from peft import prepare_model_for_kbit_training
+        model = prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=spec["args"]["gradient_checkpointing"])
+    peft_config = None
+    if spec["peft"]:
+        from peft import LoraConfig
+        peft_config = LoraConfig(**spec["peft"])
+    return model, tokenizer, peft_config
+
+
+# ---------------------------------------------------------------- data and trainer
+
+TOKENIZED = "llfarm-tokenized.json"     # written last into a token cache entry: it is complete
+
+
+def tokenized(spec: dict[str, Any], which: str, template, tokenizer):
+    """The split as the trainer takes it (sft: input_ids + completion_mask; dpo: rendered prompt/chosen/rejected;
+    rm: chosen/rejected ids), from the token cache when an earlier run made it, else made with ``datasets.map``
+    (``num_proc`` workers for large data) and kept there: keyed by the data selection, the tokenizer, the template,
+    max_length and the stage (see ``llfarm.training.data_spec``)."""
+    import os
+    import shutil
+
+    from datasets import Dataset, load_from_disk
+
+    from .train_common import BATCH_FUNCTIONS
+
+    d, stage = spec["data"], spec["stage"]
+    cache = Path(d["token_cache"]) / which
+    if (cache / TOKENIZED).is_file():
+        info = json.loads((cache / TOKENIZED).read_text(encoding="utf-8"))
+        print(f"llfarm: {which} data: {info['rows']} tokenized examples from the token cache {cache}")
+        return load_from_disk(str(cache))
+    tmp = cache.with_name(f".{cache.name}.{os.getpid()}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        raw = Dataset.from_json(d[which], cache_dir=str(tmp / "json"))
+        ds = raw.map(BATCH_FUNCTIONS[stage], batched=True, batch_size=256, remove_columns=raw.column_names,
+                     num_proc=d["num_proc"] if d["num_proc"] > 1 and len(raw) >= 4 * 256 * d["num_proc"] else None,
+                     fn_kwargs={"template": template, "tokenizer": tokenizer, "max_length": d["max_length"]},
+                     desc=f"llfarm: tokenizing {which}")
+        dropped = 0
+        if stage == "sft":
+            kept = ds.filter(any, input_columns="completion_mask", desc=f"llfarm: {which} examples with an answer")
+            dropped = len(ds) - len(kept)
+            if not len(kept):
+                raise SystemExit(f"llfarm: every {which} example's prompt is longer than data.max_length="
+                                 f"{d['max_length']}; raise data.max_length")
+            if dropped:
+                print(f"llfarm: dropped {dropped} {which} examples whose prompt fills data.max_length={d['max_length']}")
+            ds = kept
+        ds.save_to_disk(str(tmp / "data"))
+        (tmp / "data" / TOKENIZED).write_text(json.dumps({"rows": len(ds), "dropped": dropped, "source": d[which]}),
+                                              encoding="utf-8")
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.replace(tmp / "data", cache)
+        except OSError:                     # another run made it first: use theirs
+            pass
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return load_from_disk(str(cache))
+
+
+def build_trainer(spec, model, tokenizer, train, evals, peft_config, callbacks):
+    import trl
+
+    trainer_cls, config_cls = getattr(trl, spec["trainer"]), getattr(trl, spec["config"])
+    extra = {"ref_model": None} if spec["stage"] == "dpo" else {}   # dpo: the reference is the base model
+    return trainer_cls(model=model, args=config_cls(**spec["args"]), train_dataset=train, eval_dataset=evals,
+                       processing_class=tokenizer, peft_config=peft_config, callbacks=callbacks, **extra)
+
+
+def loraplus_optimizer(trainer, ratio: float):
+    """LoRA+ (PEFT's create_loraplus_optimizer): the adapters' B matrices learn ``ratio`` times faster than A, with
+    the optimizer class and arguments training.optimizer names. The trainer builds its scheduler around it."""
+    from peft.optimizers import create_loraplus_optimizer
+    from transformers import Trainer
+
+    cls, kwargs = Trainer.get_optimizer_cls_and_kwargs(trainer.args, trainer.model)
+    kwargs = {k: v for k, v in kwargs.items() if k != "lr"}
+    return create_loraplus_optimizer(model=trainer.model, optimizer_cls=cls, lr=trainer.args.learning_rate,
+                                     loraplus_lr_ratio=ratio, weight_decay=trainer.args.weight_decay, **kwargs)
+
+
+# ---------------------------------------------------------------- outputs
+
+def save(spec, trainer, tokenizer) -> None:
+    """The adapter (PEFT) or the full model, with the template's tokenizer and a matching eos."""
+    gen = getattr(trainer.model, "generation_config", None)
+    if gen is not None:
+        gen.eos_token_id = tokenizer.eos_token_id
+        gen.pad_token_id = tokenizer.pad_token_id
+    trainer.save_model(spec["outputs"]["dir"])
+    tokenizer.save_pretrained(spec["outputs"]["dir"])
+
+
+def rm_accuracy(model, pairs, limit: int = 1000) -> tuple[float, int]:
+    """The share of training pairs (at most ``limit``) whose chosen answer the reward model scores above the
+    rejected one, and how many pairs that is."""
+    import torch
+
+    model.eval()
+    device = next(model.parameters()).device
+    n = min(len(pairs), limit)
+    right = 0
+    with torch.no_grad():
+        for pair in pairs.select(range(n)):
+            scores = [model(input_ids=torch.tensor([pair[k]], device=device)).logits[0, 0].item()
+                      for k in ("chosen_input_ids", "rejected_input_ids")]
+            right += scores[0] > scores[1]
+    return round(right / max(n, 1), 4), n
+
+
+if __name__ == "__main__":
+    sys.exit(run(read_spec(sys.argv[1])))
