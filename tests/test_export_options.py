@@ -46,6 +46,7 @@ def runs(tmp_path_factory) -> dict[str, Path]:
     tmp = tmp_path_factory.mktemp("runs")
     return {"phi35": model_template_run(tmp / "phi35", PHI35, system="Be brief."),
             "reversed": model_template_run(tmp / "reversed", REVERSED),
+            "reversed-full": model_template_run(tmp / "reversed-full", REVERSED, output_kind="model"),
             "lora": make_run(tmp / "lora", TINY_LLAMA, template="chatml", system="Be brief."),
             "full": make_run(tmp / "full", TINY_LLAMA, template="chatml", output_kind="model")}
 
@@ -82,7 +83,7 @@ def test_no_template_writes_a_modelfile_without_template(runs, tmp_path):
 
 
 def test_cli_model_template_refusal_and_no_template(runs, tmp_path):
-    run = fresh(runs["reversed"], tmp_path)
+    run = fresh(runs["reversed-full"], tmp_path)  # a full-model run: the export needs no torch
     proc = llfarm("export", str(run), "--format", "ollama", "--quant", "f16")
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     lines = [line for line in proc.stderr.splitlines() if line.strip()]

@@ -80,6 +80,7 @@ class _Job:
     model: Path | None  # the full model dir for model runs
     base: str | None  # base model (local dir or hub id) for adapter runs
     chat_template: str | None  # jinja the merged model / GGUF carries
+    pin_template: bool  # a named template: write it into the merged tokenizer (a model's own is already there)
     ollama: OllamaTemplate | None  # None: no TEMPLATE
     add_bos: bool
     eot_token: str | None
@@ -141,7 +142,8 @@ def _plan(run: RunDir, formats: list[str], quant: str, out: Path | None, name: s
     adapter_quant = quant if quant in ADAPTER_QUANTS else "f16"
     job = _Job(run=run, formats=wanted, quant=quant, out=Path(out).absolute() if out else run.exports,
                name=export_name(run.root, name), stage=stage, system=manifest.get("system"), adapter=adapter,
-               model=None if adapter else source, base=base, chat_template=chat_template, ollama=ollama,
+               model=None if adapter else source, base=base, chat_template=chat_template,
+               pin_template=template is not None, ollama=ollama,
                add_bos=add_bos, eot_token=eot, ollama_base=from_line(ollama_base) if ollama_base else None,
                adapter_quant=adapter_quant)
     if job.model_ggufs or "adapter" in wanted:
@@ -277,11 +279,12 @@ def _execute(job: _Job) -> list[Path]:
     try:
         staged: list[tuple[Path, Path]] = []  # (staged path, final path)
         hf_dir = job.model
+        pinned = job.chat_template if job.pin_template else None
         if job.adapter is not None and ("merged" in job.formats or job.model_ggufs):
-            hf_dir = merge_adapter(job.base, job.adapter, staging / "merged", chat_template=job.chat_template,
+            hf_dir = merge_adapter(job.base, job.adapter, staging / "merged", chat_template=pinned,
                                    sequence_classification=job.stage == "rm", spm_source=_model_dir(job.base))
         elif "merged" in job.formats:
-            copy_model(job.model, staging / "merged", chat_template=job.chat_template)
+            copy_model(job.model, staging / "merged", chat_template=pinned)
         if "merged" in job.formats:
             staged.append((staging / "merged", job.out / "merged"))
 
