@@ -96,6 +96,13 @@ def make_run(root: Path, base: Path, *, template: str = "chatml", system: str | 
     return root
 
 
+def fresh(run: Path, tmp_path: Path) -> Path:
+    """A private copy of a run (tests write exports into it)."""
+    dst = tmp_path / run.name
+    shutil.copytree(run, dst, ignore=shutil.ignore_patterns("exports"))
+    return dst
+
+
 def hf_logits(model_dir: Path | str, ids: list[int], adapter: Path | None = None) -> np.ndarray:
     """transformers' logits [T, V] (float32), for a model dir or base + adapter."""
     import torch

@@ -17,6 +17,7 @@ llama.cpp's table gives that family; families we cannot rebuild faithfully are n
 
 from __future__ import annotations
 
+import ast
 import json
 import os
 import re
@@ -63,7 +64,7 @@ def reference_pre_table() -> tuple[str, dict[str, tuple[str, list[str]]]]:
     """(chktxt, {hash: (pre, refs)}) from get_vocab_base_pre() of the reference; later entries win, as its `if`s do."""
     src = (assets_dir() / "conversion" / "base.py").read_text(encoding="utf-8")
     body = src.split("Marker: Start get_vocab_base_pre")[1].split("Marker: End get_vocab_base_pre")[0]
-    chktxt = eval(re.search(r"chktxt = ('.*')\n", body).group(1))  # noqa: S307 - a string literal of the reference
+    chktxt = ast.literal_eval(re.search(r"chktxt = ('.*')\n", body).group(1))
     table = {}
     for h, refs, name in re.findall(r'if chkhsh == "([0-9a-f]{64})":\n((?:\s*#.*\n)*)\s*res = "([^"]+)"', body):
         table[h] = (name, re.findall(r"ref:\s*(\S+)", refs))
@@ -72,16 +73,15 @@ def reference_pre_table() -> tuple[str, dict[str, tuple[str, list[str]]]]:
 
 def write_pre_table(path: Path) -> None:
     chktxt, table = reference_pre_table()
-    lines = ["# ruff: noqa: E501",
-             '"""tokenizer.ggml.pre for byte-level BPE tokenizers, identified the way llama.cpp\'s convert_hf_to_gguf.py'
-             " does:",
-             "the sha256 of str(token ids of CHKTXT) (the tokenizer's encode, special tokens added) looked up in "
-             "PRE_BY_HASH.", "",
-             f"Generated from get_vocab_base_pre() in llama.cpp's conversion/base.py as vendored by llama-cpp-python "
-             f"{VERSION}",
-             "(tests/test_export_vocab.py checks this table still equals the reference's when the assets are present).",
-             "Do not edit by hand; regenerate with: python tests/llamacpp_assets.py --write-pre-table",
-             '"""', "", f"CHKTXT = {chktxt!r}", "", "PRE_BY_HASH = {"]
+    header = (f'''"""tokenizer.ggml.pre for byte-level BPE tokenizers, identified the way llama.cpp's convert_hf_to_gguf.py does:
+the sha256 of str(token ids of CHKTXT) (the tokenizer's encode, special tokens added) looked up in PRE_BY_HASH.
+
+Generated from get_vocab_base_pre() in llama.cpp's conversion/base.py as vendored by llama-cpp-python {VERSION}
+(tests/test_export_vocab.py checks this table still equals the reference's when the assets are present).
+Do not edit by hand; regenerate with: python tests/llamacpp_assets.py --write-pre-table
+"""
+''')
+    lines = [header, f"CHKTXT = {chktxt!r}", "", "PRE_BY_HASH = {"]
     lines += [f'    "{h}": "{name}",  # {refs[0] if refs else ""}'.rstrip() for h, (name, refs) in table.items()]
     path.write_text("\n".join(lines + ["}"]) + "\n", encoding="utf-8")
 

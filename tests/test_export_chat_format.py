@@ -136,8 +136,8 @@ def test_shipped_templates_are_recognised_as_their_ollama_form(name, family):
 
 @pytest.mark.parametrize("jinja, reason", [
     ("{% for m in messages %}{{ m['content'] | upper }}{% endfor %}", "rewrites message text"),
-    ("{% for m in messages %}{% if loop.index is even %}<a>{% else %}<b>{% endif %}{{ m['content'] }}{% endfor %}"
-     "{% if add_generation_prompt %}<b>{% endif %}", "not one llfarm can write"),
+    (("{% for m in messages %}{% if loop.index is even %}<a>{% else %}<b>{% endif %}{{ m['content'] }}{% endfor %}"
+      "{% if add_generation_prompt %}<b>{% endif %}"), "not one llfarm can write"),
     ("{{ raise_exception('no') }}", "fails on a plain user/assistant conversation"),
     ("{% for m in messages|reverse %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}", "not one llfarm can write"),
 ])

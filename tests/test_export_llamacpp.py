@@ -70,7 +70,7 @@ def test_llama_cpp_logits_match_transformers(runs, arch, quant):
 
 # ---- real tokenizers and every architecture (needs the assets too: tests/fetch-llamacpp-assets) -----------------
 
-from llamacpp_assets import (  # noqa: E402 - the part of this module that needs the assets
+from llamacpp_assets import (  # the part of this module that needs the assets
     ARCH_CONFIGS,
     BPE_FAMILIES,
     SKIP_REASON,

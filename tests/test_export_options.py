@@ -5,13 +5,20 @@ ADAPTER, and the quant types beyond f32/f16/q8_0 — each with its refusals, whi
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 from conftest import llfarm
-from export_helpers import TINY_LLAMA, gguf_fields, gguf_tensors, make_run, ollama_prompt, parse_modelfile
+from export_helpers import (
+    TINY_LLAMA,
+    fresh,
+    gguf_fields,
+    gguf_tensors,
+    make_run,
+    ollama_prompt,
+    parse_modelfile,
+)
 
 from llfarm.errors import ExportError
 from llfarm.export import export_run
@@ -49,12 +56,6 @@ def runs(tmp_path_factory) -> dict[str, Path]:
             "reversed-full": model_template_run(tmp / "reversed-full", REVERSED, output_kind="model"),
             "lora": make_run(tmp / "lora", TINY_LLAMA, template="chatml", system="Be brief."),
             "full": make_run(tmp / "full", TINY_LLAMA, template="chatml", output_kind="model")}
-
-
-def fresh(run: Path, tmp_path: Path) -> Path:
-    dst = tmp_path / run.name
-    shutil.copytree(run, dst, ignore=shutil.ignore_patterns("exports"))
-    return dst
 
 
 # ---- template: model -------------------------------------------------------------------------------------------
@@ -191,3 +192,15 @@ def test_k_quant_without_llama_cpp_names_both_ways(runs, tmp_path, monkeypatch):
         export_run(run, ["ollama"], quant="q4_k_m")
     assert "llfarm[llamacpp]" in exc.value.hint and "ollama create --quantize q4_K_M" in exc.value.hint
     assert not (run / "exports").exists()
+
+
+def test_cli_schema_and_export_agree_on_formats_and_quants():
+    from typing import get_args
+
+    from llfarm import cli
+    from llfarm.export import FORMATS, QUANTS
+    from llfarm.schema import ExportSpec
+
+    assert cli.EXPORT_FORMATS == FORMATS and cli.EXPORT_QUANTS == QUANTS
+    assert get_args(ExportSpec.model_fields["quant"].annotation) == QUANTS
+    assert get_args(get_args(ExportSpec.model_fields["formats"].annotation)[0]) == FORMATS

@@ -206,8 +206,8 @@ def _ollama_template(template: ChatTemplate | None, jinja: str | None, wanted: b
     if wanted and form.system == "none" and manifest.get("system"):
         raise ExportError("the model's chat template has no system role, but the run has a system prompt",
                           where="chat template", hint="export --no-template, or train without data.system")
-    ollama = OllamaTemplate(form.template, form.stops, (f"TEMPLATE recognised as {form.family} by rendering the "
-                                                        "model's own chat template", *form.notes))
+    recognised = f"TEMPLATE recognised as {form.family} by rendering the model's own chat template"
+    ollama = OllamaTemplate(form.template, form.stops, (recognised, *form.notes))
     return (ollama if wanted else None), form.adds_bos, form.end_of_turn
 
 

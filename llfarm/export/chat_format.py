@@ -114,7 +114,7 @@ def _compile(source: str):
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
     class Generation(Extension):  # transformers' {% generation %} marks assistant text; it renders its body
-        tags = {"generation"}
+        tags = frozenset({"generation"})
 
         def parse(self, parser):
             lineno = next(parser.stream).lineno

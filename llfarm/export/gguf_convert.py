@@ -155,12 +155,12 @@ def plan_tensors(info: ModelInfo, source: dict[str, SourceTensor], quant: str, t
         planned.append(PlannedTensor(gname, data.shape, Q.F32, None, data))
     rows = arch.embedding_rows(cfg, tok_dir, info.vocab)
     named = []
-    for name in source:
+    for name, st in source.items():
         if name in arch.skip or name.endswith((".attention.masked_bias", ".attention.bias", ".rotary_emb.inv_freq")):
             continue
         new = name_map.get_name(name.replace("language_model.", ""), try_suffixes=(".weight", ".bias"))
         if new is None:
-            raise ExportError(f"tensor {name} has no GGUF name for arch {arch.name}", where=str(source[name].file),
+            raise ExportError(f"tensor {name} has no GGUF name for arch {arch.name}", where=str(st.file),
                               hint=HINT_UPSTREAM)
         named.append((name, new))
     names = {new for _, new in named}

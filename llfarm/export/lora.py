@@ -86,7 +86,7 @@ def inspect_adapter(adapter_dir: Path, base_config: dict[str, Any], where: str) 
     for base, ab in sorted(halves.items()):
         if set(ab) != {"A", "B"}:
             raise ExportError(f"{base} has only lora_{''.join(ab)}", where=where)
-        if base in arch.skip or base.endswith("lm_head.weight") or base.endswith("embed_tokens.weight"):
+        if base in arch.skip or base.endswith(("lm_head.weight", "embed_tokens.weight")):
             raise ExportError(f"the adapter trains {base.rsplit('.', 1)[0]}, which llama.cpp does not apply as an "
                               "adapter", where=where, hint="export --format gguf")
         new = name_map.get_name(base, try_suffixes=(".weight", ".bias"))

@@ -1,4 +1,3 @@
-# ruff: noqa: E501
 """tokenizer.ggml.pre for byte-level BPE tokenizers, identified the way llama.cpp's convert_hf_to_gguf.py does:
 the sha256 of str(token ids of CHKTXT) (the tokenizer's encode, special tokens added) looked up in PRE_BY_HASH.
 
