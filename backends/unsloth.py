@@ -129,7 +129,6 @@ class UnslothBackend(Backend):
             "training.attention": "Unsloth picks its own attention kernels",
             "model.quant_type=fp4": "Unsloth's 4-bit loading is NF4",
             "model.double_quant": "Unsloth's 4-bit loading always double-quantizes",
-            "model.compute_dtype": "Unsloth computes 4-bit layers in the model dtype",
         },
     )
 
@@ -137,6 +136,13 @@ class UnslothBackend(Backend):
     def check(self, strategy, platform: Platform, data=None) -> None:
         """What the strategy asks for first (same answer on any machine), then this machine, then the package."""
         self.check_capabilities(strategy, _ON_A_GPU)
+        from llfarm.platform import resolve_precision
+        from llfarm.training import model_dtype
+        dtype = model_dtype(strategy, resolve_precision(strategy.training.precision, _ON_A_GPU))
+        if strategy.model.compute_dtype not in ("auto", dtype):
+            raise UnsupportedError(f"backend 'unsloth' computes 4-bit layers in the model dtype ({dtype}), not "
+                                   f"model.compute_dtype '{strategy.model.compute_dtype}'", where="model.compute_dtype",
+                                   hint="set model.compute_dtype: auto, or --backend pytorch")
         if strategy.distributed.deepspeed:
             raise UnsupportedError("backend 'unsloth' does not run DeepSpeed", where="distributed.deepspeed",
                                    hint="remove distributed.deepspeed, or use --backend pytorch or llamafactory")

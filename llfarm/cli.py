@@ -352,13 +352,14 @@ def _do_export(run, formats: list[str], quant: str, out: Path | None, name: str 
 
 @cli.command("import")
 @click.argument("file", type=click.Path(path_type=Path))
-@click.option("--from", "source", help="The config's tool: llamafactory, axolotl or trl (default: detected).")
+@click.option("--from", "source", help="The tool the config is for (axolotl, trl, or a backend with a config format; "
+                                       "default: detected).")
 @click.option("--output", "-o", type=click.Path(path_type=Path), help="Default: <stem>.llfarm.yaml here.")
 @click.option("--name", help="The strategy's name (default: the file's stem).")
 @click.option("--force", is_flag=True, help="Replace the output if it exists.")
 def import_(file: Path, source: str | None, output: Path | None, name: str | None, force: bool) -> None:
-    """Turn a LlamaFactory, Axolotl or TRL training YAML into an llfarm strategy, listing every key that did not
-    carry over (and why)."""
+    """Turn a peer's training YAML (LlamaFactory, Axolotl, TRL) into an llfarm strategy, listing every key that did
+    not carry over (and why)."""
     import yaml
 
     from .errors import StrategyError

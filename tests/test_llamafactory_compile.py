@@ -38,9 +38,10 @@ stage: sft
 method: {type: lora, r: 8, alpha: 16, dropout: 0.1, target_modules: [q_proj, v_proj], trainable_layers: 1}
 data: {train: "builtin:messages", eval_split: 0.25, max_length: 96}
 training: {epochs: 2, batch_size: 4, grad_accum: 2, learning_rate: 1.0e-3, scheduler: linear, warmup_ratio: 0.1,
-           seed: 7, save_every: 5, keep_checkpoints: 3, logging_steps: 2, eval_every: 3}
+           seed: 7, save_every: 5, keep_checkpoints: 3, logging_steps: 2, eval_every: 3, optimizer: adamw_torch,
+           attention: sdpa}
 preference: {beta: 0.2, loss: hinge}
-backend_options: {llamafactory: {optim: adamw_torch, flash_attn: sdpa}}
+backend_options: {llamafactory: {enable_liger_kernel: false}}
 """
 
 
@@ -181,9 +182,9 @@ def test_keys(compiled, stage, method):
     # fp32 on CPU: neither bf16 nor fp16
     assert c["bf16"] is False and c["fp16"] is False and c["use_cpu"] is True
     # every key written is declared once (OWNED / DEFAULTS) or came from backend_options
-    assert set(c) - set(OWNED) - set(DEFAULTS) == {"optim", "flash_attn"}
-    # raw keys pass through
-    assert (c["optim"], c["flash_attn"]) == ("adamw_torch", "sdpa")
+    assert set(c) - set(OWNED) - set(DEFAULTS) == {"enable_liger_kernel"}
+    # strategy keys reach LlamaFactory's names; a raw key passes through
+    assert (c["optim"], c["flash_attn"]) == ("adamw_torch", "sdpa") and c["enable_liger_kernel"] is False
     # dataset_info.json
     assert set(info) == {"llfarm_train", "llfarm_eval"}
     for name, split in (("llfarm_train", "train"), ("llfarm_eval", "eval")):
@@ -192,14 +193,15 @@ def test_keys(compiled, stage, method):
         assert entry["formatting"] == "sharegpt"
         assert entry["tags"] == {"role_tag": "role", "content_tag": "content", "user_tag": "user",
                                  "assistant_tag": "assistant", "system_tag": "system"}
+        normalized = Path(ctx.data.train_path if split == "train" else ctx.data.eval_path)
         if stage == "sft":
-            assert entry["file_name"] == str((run.native / "data" / f"{split}.jsonl").resolve())
+            assert entry["file_name"] == str(normalized), "LlamaFactory reads the core's cached files: no copy"
             assert entry["columns"] == {"messages": "messages"} and "ranking" not in entry
         else:
             assert entry["ranking"] is True
             assert entry["columns"] == {"messages": "messages", "chosen": "chosen", "rejected": "rejected"}
             rows = [json.loads(x) for x in Path(entry["file_name"]).read_text().splitlines()]
-            src = [json.loads(x) for x in (run.native / "data" / f"{split}.jsonl").read_text().splitlines()]
+            src = [json.loads(x) for x in normalized.read_text().splitlines()]
             assert len(rows) == len(src) > 0
             assert rows[0] == {"messages": src[0]["prompt"],
                                "chosen": {"role": "assistant", "content": src[0]["chosen"]},

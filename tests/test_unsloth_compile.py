@@ -229,10 +229,10 @@ def test_trainer_arguments_are_accepted_by_trl(case, compiled):
 
 def test_backend_options(tmp_path):
     _, _, native = compile_case(tmp_path, "sft_lora", (
-        "backend_options.unsloth.optim=adamw_8bit", "backend_options.unsloth.use_gradient_checkpointing=false",
-        "backend_options.unsloth.use_rslora=true"))
+        "training.optimizer=adamw_8bit", "backend_options.unsloth.use_gradient_checkpointing=false",
+        "method.use_rslora=true", "backend_options.unsloth.label_smoothing_factor=0.1"))
     cfg = json.loads(native.files[1].read_text())
-    assert cfg["args"]["optim"] == "adamw_8bit"
+    assert cfg["args"]["optim"] == "adamw_8bit" and cfg["args"]["label_smoothing_factor"] == 0.1
     assert cfg["unsloth"]["from_pretrained"]["use_gradient_checkpointing"] is False
     assert cfg["unsloth"]["get_peft_model"]["use_gradient_checkpointing"] is False
     assert cfg["unsloth"]["get_peft_model"]["use_rslora"] is True

@@ -56,7 +56,6 @@ class LlamaFactoryBackend(Backend):
             "method.layers_to_transform": "LlamaFactory 0.9.5 puts adapters on every layer it targets",
             "method.init=olora": "LlamaFactory 0.9.5 initialises LoRA by default or with PiSSA only",
             "method.init=gaussian": "LlamaFactory 0.9.5 initialises LoRA by default or with PiSSA only",
-            "model.compute_dtype": "LlamaFactory 0.9.5 computes 4-bit layers in training.precision",
         },
         reasons={
             "platform:mps": "llfarm has not verified LlamaFactory 0.9.5 on Apple MPS; the pytorch backend has",
@@ -95,6 +94,10 @@ class LlamaFactoryBackend(Backend):
                 f"no setting for model.dtype '{s.model.dtype}'", where="model.dtype",
                 hint=f"set model.dtype: auto, or training.precision: {PRECISION_OF[s.model.dtype]}, or use "
                      "--backend pytorch")
+        if s.model.compute_dtype not in ("auto", DTYPES[precision]):
+            raise UnsupportedError(f"LlamaFactory computes 4-bit layers in training.precision ({precision}), not "
+                                   f"model.compute_dtype '{s.model.compute_dtype}'", where="model.compute_dtype",
+                                   hint=f"set model.compute_dtype: auto or {DTYPES[precision]}, or --backend pytorch")
         if s.method.init == "pissa" and s.quantization != "none":
             raise UnsupportedError("LlamaFactory 0.9.5 cannot initialise PiSSA on a quantized model (its own "
                                    "scripts/pissa_init.py does that first)", where="method.init",

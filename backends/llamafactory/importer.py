@@ -13,8 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from llfarm.importers import (
-    Importer,
     Imported,
+    Importer,
     names,
     one_of_values,
     optimizer,

@@ -83,7 +83,8 @@ class SourceData:
 
 
 def scan(reader: Reader, *, weight: float, fmt_setting: str, stage_kind: str | None, system: str | None,
-         columns: dict[str, str], write: bool, visit: Callable[[dict[str, Any]], None] | None = None) -> SourceData:
+         columns: dict[str, str], write: bool, visit: Callable[[dict[str, Any]], None] | None = None,
+         stage: str | None = None) -> SourceData:
     """Check and normalize one source (see the module docstring); from the cache when it is there. ``visit`` sees
     every normalized row (from the cache, or as the source is read); ``stage_kind`` None accepts any kind."""
     sha = reader.fingerprint()
@@ -95,7 +96,7 @@ def scan(reader: Reader, *, weight: float, fmt_setting: str, stage_kind: str | N
         src = SourceData(ref=reader.ref, key=reader.key, weight=weight, sha256=sha, format=meta["format"],
                          kind=meta["kind"], count=meta["count"], cache_key=cache_key, shapes=meta["shapes"],
                          turn_problem=meta["turn_problem"], dir=final)
-        check_kind(src.kind, src.format, stage_kind, reader.key)
+        check_kind(src.kind, src.format, stage_kind, reader.key, stage)
         if visit is not None:
             with open(src.data_path, "rb") as fh:
                 for line in fh:
@@ -104,7 +105,7 @@ def scan(reader: Reader, *, weight: float, fmt_setting: str, stage_kind: str | N
     check_columns(reader, columns)
     tmp = final.parent / f".tmp-{cache_key[:16]}-{os.getpid()}" if write else None
     try:
-        src = _scan(reader, sha, cache_key, weight, fmt_setting, stage_kind, system, columns, tmp, visit)
+        src = _scan(reader, sha, cache_key, weight, fmt_setting, stage_kind, system, columns, tmp, visit, stage)
         if tmp is not None:
             try:
                 os.replace(tmp, final)
@@ -120,7 +121,7 @@ def scan(reader: Reader, *, weight: float, fmt_setting: str, stage_kind: str | N
 
 def _scan(reader: Reader, sha: str, cache_key: str, weight: float, fmt_setting: str, stage_kind: str | None,
           system: str | None, columns: dict[str, str], tmp: Path | None,
-          visit: Callable[[dict[str, Any]], None] | None) -> SourceData:
+          visit: Callable[[dict[str, Any]], None] | None, stage: str | None) -> SourceData:
     fmt: str | None = None
     first_where = ""
     count = with_system = multi_turn = 0
@@ -144,7 +145,7 @@ def _scan(reader: Reader, sha: str, cache_key: str, weight: float, fmt_setting: 
                                     hint="expected alpaca (instruction/output), messages, conversations (ShareGPT), "
                                          "prompt/chosen/rejected or text; set data.format, or map names with "
                                          "data.columns")
-                check_kind(KIND_OF[fmt], fmt, stage_kind, reader.key)
+                check_kind(KIND_OF[fmt], fmt, stage_kind, reader.key, stage)
             elif fmt_setting == "auto":
                 other = detect_format(rec)
                 if other is not None and other != fmt:
@@ -187,11 +188,12 @@ def _scan(reader: Reader, sha: str, cache_key: str, weight: float, fmt_setting: 
     return src
 
 
-def check_kind(kind: str, fmt: str, stage_kind: str | None, key: str) -> None:
+def check_kind(kind: str, fmt: str, stage_kind: str | None, key: str, stage: str | None = None) -> None:
     if stage_kind is None or kind == stage_kind:
         return
     if stage_kind == "preference":
-        raise DataError(f"this stage needs preference pairs (prompt/chosen/rejected), received {fmt}-format data",
+        raise DataError(f"stage '{stage or 'dpo/rm'}' needs preference pairs (prompt/chosen/rejected), received "
+                        f"{fmt}-format data",
                         where=key, hint="use stage: sft for this data, or give a preference dataset "
                                         "(builtin:preference)")
     if kind == "preference":
@@ -403,7 +405,7 @@ def open_sources(spec, which: str, stage: str, *, write: bool) -> list[SourceDat
         key = f"data.{which}" if isinstance(getattr(d, which), str) else f"data.{which}[{i}]"
         reader = open_source(item.path, key, split=item.split, text_unit=d.text_unit)
         out.append(scan(reader, weight=item.weight, fmt_setting=d.format, stage_kind=stage_kind, system=d.system,
-                        columns=d.columns, write=write))
+                        columns=d.columns, write=write, stage=stage))
     return out
 
 
