@@ -262,9 +262,9 @@ def _execute_and_finish(ctx, native, backend, verbose: bool, lock) -> None:
     if "first_loss" in fm:
         click.echo(f"loss {fm['first_loss']:.4f} → {fm['final_loss']:.4f} over {fm.get('steps')} steps; "
                    f"{result.output_kind}: {run.show(result.output_dir)}", err=True)
-    formats = list(ctx.strategy.export.formats)
-    if formats:
-        _do_export(run, formats, ctx.strategy.export.quant, None, ctx.strategy.export.name)
+    spec = ctx.strategy.export
+    if spec.formats:
+        _do_export(run, list(spec.formats), spec.quant, None, spec.name, spec.ollama_template, spec.ollama_base)
     click.echo(str(run))
 
 
@@ -312,24 +312,37 @@ def generate(run_dir: Path, prompt: tuple[str, ...], max_new_tokens: int, temper
         click.echo(gen.generate(p, max_new_tokens=max_new_tokens, temperature=temperature, system=system))
 
 
+EXPORT_FORMATS = ("merged", "gguf", "adapter", "ollama")  # = llfarm.export.FORMATS (kept literal: fast --help)
+EXPORT_QUANTS = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "q4_k_m", "q5_k_m", "q6_k")
+
+
 @cli.command()
 @click.argument("run_dir", type=click.Path(path_type=Path))
-@click.option("--format", "-f", "formats", multiple=True, required=True,
-              type=click.Choice(["merged", "gguf", "ollama"]), help="What to write (repeatable).")
-@click.option("--quant", "-q", type=click.Choice(["f32", "f16", "q8_0"]), default="q8_0", show_default=True,
-              help="GGUF tensor type.")
+@click.option("--format", "-f", "formats", multiple=True, required=True, type=click.Choice(EXPORT_FORMATS),
+              help="What to write (repeatable): merged HF model; gguf; adapter (a GGUF LoRA adapter of a LoRA run); "
+                   "ollama (a Modelfile: for the gguf, or with adapter: FROM base + ADAPTER).")
+@click.option("--quant", "-q", type=click.Choice(EXPORT_QUANTS), default="q8_0", show_default=True,
+              help="GGUF tensor type. q4_k_m/q5_k_m/q6_k need llama.cpp's quantizer (pip install "
+                   "'llfarm[llamacpp]'). An adapter GGUF is f32/f16/bf16/q8_0 (f16 for other values).")
 @click.option("--out", type=click.Path(path_type=Path), help="Output folder (default: RUN/exports).")
 @click.option("--name", help="Model name for the file and `ollama create` (default: the strategy name).")
-def export(run_dir: Path, formats: tuple[str, ...], quant: str, out: Path | None, name: str | None) -> None:
-    """Export a run: merged HF model, GGUF (f32/f16/q8_0), and an Ollama Modelfile."""
+@click.option("--no-template", is_flag=True,
+              help="Write the Modelfile without TEMPLATE/stops (Ollama then uses the GGUF's own chat template).")
+@click.option("--ollama-base", metavar="MODEL|GGUF",
+              help="FROM of an adapter Modelfile: an Ollama model you have (llama3.2:1b) or a base GGUF file; "
+                   "default: the base model converted beside the adapter.")
+def export(run_dir: Path, formats: tuple[str, ...], quant: str, out: Path | None, name: str | None,
+           no_template: bool, ollama_base: str | None) -> None:
+    """Export a run: merged HF model, GGUF, GGUF LoRA adapter, and an Ollama Modelfile."""
     from .rundir import RunDir
     run = RunDir(run_dir)
     run.read_manifest()                                  # not a run directory → one line, before any lock file
     with run.lock("export"):                             # not while a run or resume writes the model
-        _do_export(run, list(formats), quant, out, name)
+        _do_export(run, list(formats), quant, out, name, not no_template, ollama_base)
 
 
-def _do_export(run, formats: list[str], quant: str, out: Path | None, name: str | None) -> None:
+def _do_export(run, formats: list[str], quant: str, out: Path | None, name: str | None,
+               ollama_template: bool = True, ollama_base: str | None = None) -> None:
     """Export and record it in the manifest: paths inside the run relative to it, others absolute (a later
     command, run from anywhere, finds them); paths are shown the way the user named the run and --out."""
     import os
@@ -344,7 +357,8 @@ def _do_export(run, formats: list[str], quant: str, out: Path | None, name: str 
         raise ExportError(f"the name holds {secret}; it would name the exported files", where="--name",
                           hint="choose another name")
     out_abs = Path(os.path.abspath(out)) if out else None
-    paths = export_run(run, formats, quant=quant, out=out_abs, name=name)
+    paths = export_run(run, formats, quant=quant, out=out_abs, name=name, ollama_template=ollama_template,
+                       ollama_base=ollama_base)
 
     def shown(p: Path) -> str:
         if out_abs is not None and p.is_relative_to(out_abs):

@@ -171,10 +171,15 @@ class DistributedSpec(Section):
 
 
 class ExportSpec(Section):
-    formats: list[Literal["merged", "gguf", "ollama"]] = Field(
-        default_factory=list, description="What `llfarm run` exports after training.")
-    quant: Literal["f32", "f16", "q8_0"] = Field("q8_0", description="GGUF tensor type.")
+    formats: list[Literal["merged", "gguf", "adapter", "ollama"]] = Field(
+        default_factory=list, description="What `llfarm run` exports after training (adapter: a GGUF LoRA "
+                                          "adapter; ollama: a Modelfile).")
+    quant: Literal["f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "q4_k_m", "q5_k_m", "q6_k"] = Field(
+        "q8_0", description="GGUF tensor type; q4_k_m/q5_k_m/q6_k need the llamacpp extra.")
     name: str | None = Field(None, description="Ollama model name (default: the strategy name).")
+    ollama_template: bool = Field(True, description="Write the Modelfile's TEMPLATE (false: like --no-template).")
+    ollama_base: str | None = Field(None, description="FROM of an adapter Modelfile: an Ollama model name or a "
+                                                      "base GGUF (default: convert the base beside the adapter).")
 
     @field_validator("name")
     @classmethod

@@ -96,6 +96,13 @@ def make_run(root: Path, base: Path, *, template: str = "chatml", system: str | 
     return root
 
 
+def fresh(run: Path, tmp_path: Path) -> Path:
+    """A private copy of a run (tests write exports into it)."""
+    dst = tmp_path / run.name
+    shutil.copytree(run, dst, ignore=shutil.ignore_patterns("exports"))
+    return dst
+
+
 def hf_logits(model_dir: Path | str, ids: list[int], adapter: Path | None = None) -> np.ndarray:
     """transformers' logits [T, V] (float32), for a model dir or base + adapter."""
     import torch
@@ -223,7 +230,8 @@ def gguf_forward(path: Path, ids: list[int]) -> np.ndarray:
     t = {k: v for k, (v, _) in gguf_tensors(path).items()}
     n_layer, n_head = f[f"{arch}.block_count"], f[f"{arch}.attention.head_count"]
     n_head_kv, eps = f[f"{arch}.attention.head_count_kv"], f[f"{arch}.attention.layer_norm_rms_epsilon"]
-    n_rot, base = f[f"{arch}.rope.dimension_count"], f[f"{arch}.rope.freq_base"]
+    base = f[f"{arch}.rope.freq_base"]
+    n_rot = f.get(f"{arch}.rope.dimension_count") or f[f"{arch}.embedding_length"] // n_head
     freq_scale = 1.0 / f[f"{arch}.rope.scaling.factor"] if f.get(f"{arch}.rope.scaling.type") == "linear" else 1.0
     neox = arch == "qwen2"  # LLAMA_ROPE_TYPE_NORM for llama, NEOX for qwen2
     x = t["token_embd.weight"][ids].astype(np.float64)
@@ -254,7 +262,7 @@ def gguf_forward(path: Path, ids: list[int]) -> np.ndarray:
     return (x @ t.get("output.weight", t["token_embd.weight"]).T).astype(np.float32)
 
 
-# ---- a tiny Go text/template interpreter (the subset the shipped Ollama templates use) ----------------------------
+# ---- a tiny Go text/template interpreter (the subset llfarm's Ollama templates use) -------------------------------
 
 _ACTION = re.compile(r"\{\{(- )?(.*?)( -)?\}\}", re.DOTALL)
 _WS = " \t\r\n"
@@ -315,63 +323,138 @@ def _parse(items: list[tuple[str, str]], i: int = 0, stop: tuple[str, ...] = ())
 
 
 def _tokens(expr: str) -> list[str]:
-    return re.findall(r'"(?:\\.|[^"\\])*"|\S+', expr)
+    return re.findall(r'"(?:\\.|[^"\\])*"|[()]|:=|[^\s()]+', expr)
 
 
-def _value(tok: str, dot: Any, root: Any) -> Any:
+class _Scope:
+    """Go template variables: declared in the innermost block, assignment updates the nearest declaration."""
+
+    def __init__(self, parent: _Scope | None = None, **names: Any):
+        self.parent, self.names = parent, dict(names)
+
+    def get(self, name: str) -> Any:
+        scope = self
+        while scope is not None:
+            if name in scope.names:
+                return scope.names[name]
+            scope = scope.parent
+        raise ValueError(f"undefined variable ${name}")
+
+    def set(self, name: str, value: Any) -> None:
+        scope = self
+        while scope is not None:
+            if name in scope.names:
+                scope.names[name] = value
+                return
+            scope = scope.parent
+        raise ValueError(f"assignment to undeclared variable ${name}")
+
+
+def _truth(v: Any) -> bool:
+    return v not in (None, False, 0, "") and not (hasattr(v, "__len__") and len(v) == 0)
+
+
+def _operand(tok: str, dot: Any, scope: _Scope) -> Any:
     if tok.startswith('"'):
         return json.loads(tok)
+    if tok in ("true", "false"):
+        return tok == "true"
+    if re.fullmatch(r"-?\d+", tok):
+        return int(tok)
     if tok == ".":
         return dot
-    if tok.startswith("$."):
-        return root[tok[2:]]
+    if tok.startswith("$"):
+        name, _, field = tok[1:].partition(".")
+        value = scope.get(name or "$")
+        return value[field] if field else value
     if tok.startswith("."):
         return dot[tok[1:]]
     raise ValueError(f"unsupported Go template operand {tok!r}")
 
 
-def _eval(expr: str, dot: Any, root: Any) -> Any:
+_FUNCS = {
+    "eq": lambda a, *b: any(a == x for x in b), "ne": lambda a, b: a != b, "not": lambda a: not _truth(a),
+    "len": len, "slice": lambda x, *ix: x[ix[0]:ix[1]] if len(ix) > 1 else x[ix[0]:] if ix else x,
+}
+
+
+def _pipeline(toks: list[str], dot: Any, scope: _Scope) -> Any:
+    """Evaluate one command: an operand, or a function applied to arguments (operands or (sub-pipelines))."""
+    args: list[Any] = []
+    i = 0
+    while i < len(toks):
+        if toks[i] == "(":
+            depth, j = 1, i + 1
+            while depth:
+                depth += {"(": 1, ")": -1}.get(toks[j], 0)
+                j += 1
+            args.append(("value", _pipeline(toks[i + 1:j - 1], dot, scope)))
+            i = j
+        else:
+            args.append(("tok", toks[i]))
+            i += 1
+    head_kind, head = args[0]
+    if head_kind == "tok" and head in ("and", "or"):
+        value = None
+        for kind, a in args[1:]:  # Go evaluates and returns the deciding argument
+            value = a if kind == "value" else _operand(a, dot, scope)
+            if _truth(value) != (head == "and"):
+                return value
+        return value
+    if head_kind == "tok" and head in _FUNCS:
+        return _FUNCS[head](*[a if kind == "value" else _operand(a, dot, scope) for kind, a in args[1:]])
+    if len(args) > 1:
+        raise ValueError(f"unsupported Go template function {head!r}")
+    return head if head_kind == "value" else _operand(head, dot, scope)
+
+
+def _eval(expr: str, dot: Any, scope: _Scope) -> Any:
+    """An action's expression, with `$x := v` declarations and `$x = v` assignments (which output nothing)."""
     toks = _tokens(expr)
-    fn, args = toks[0], toks[1:]
-    if fn == "eq":
-        first = _value(args[0], dot, root)
-        return any(first == _value(a, dot, root) for a in args[1:])
-    if fn == "ne":
-        return _value(args[0], dot, root) != _value(args[1], dot, root)
-    if fn == "not":
-        return not _value(args[0], dot, root)
-    if fn in ("and", "or"):
-        vals = [_value(a, dot, root) for a in args]
-        return all(vals) if fn == "and" else any(vals)
-    if args:
-        raise ValueError(f"unsupported Go template function {fn!r}")
-    return _value(fn, dot, root)
+    if len(toks) > 2 and toks[0].startswith("$") and toks[1] in (":=", "="):
+        value = _pipeline(toks[2:], dot, scope)
+        if toks[1] == ":=":
+            scope.names[toks[0][1:]] = value
+        else:
+            scope.set(toks[0][1:], value)
+        return None
+    return _pipeline(toks, dot, scope)
 
 
-def _exec(nodes: list, dot: Any, root: Any, out: list[str]) -> None:
+def _exec(nodes: list, dot: Any, scope: _Scope, out: list[str]) -> None:
     for node in nodes:
         if node[0] == "text":
             out.append(node[1])
         elif node[0] == "out":
-            val = _eval(node[1], dot, root)
+            val = _eval(node[1], dot, scope)
             out.append("" if val is None else str(val))
         elif node[0] == "if":
             for cond, body in node[1]:
-                if _eval(cond, dot, root):
-                    _exec(body, dot, root, out)
+                if _truth(_eval(cond, dot, scope)):
+                    _exec(body, dot, _Scope(scope), out)
                     break
             else:
                 if node[2] is not None:
-                    _exec(node[2], dot, root, out)
+                    _exec(node[2], dot, _Scope(scope), out)
         elif node[0] == "range":
-            for item in _eval(node[1], dot, root) or []:
-                _exec(node[2], item, root, out)
+            expr = node[1]
+            names: list[str] = []
+            if ":=" in expr:
+                decl, expr = expr.split(":=", 1)
+                names = [n.strip()[1:] for n in decl.split(",")]
+            for i, item in enumerate(_eval(expr, dot, scope) or []):
+                inner = _Scope(scope)
+                if len(names) == 2:
+                    inner.names.update({names[0]: i, names[1]: item})
+                elif names:
+                    inner.names[names[0]] = item
+                _exec(node[2], item, inner, out)
 
 
 def go_render(template: str, data: dict[str, Any]) -> str:
     nodes, _, _ = _parse(_lex(template))
     out: list[str] = []
-    _exec(nodes, data, data, out)
+    _exec(nodes, data, _Scope(None, **{"$": data}), out)
     return "".join(out)
 
 

@@ -4,13 +4,12 @@ nothing half-written on failure, and the `llfarm export` CLI's exit codes."""
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 from conftest import llfarm
-from export_helpers import TINY_LLAMA, gguf_fields, hf_logits, make_run, parse_modelfile
+from export_helpers import TINY_LLAMA, fresh, gguf_fields, hf_logits, make_run, parse_modelfile
 
 from llfarm.errors import ExportError
 from llfarm.export import export_name, export_run, ollama_create_command
@@ -30,13 +29,6 @@ def runs(tmp_path_factory) -> dict[str, Path]:
         "rm": make_run(tmp / "rm", TINY_LLAMA, template="chatml", stage="rm"),
         "full": make_run(tmp / "full", TINY_LLAMA, template="llama3", output_kind="model"),
     }
-
-
-def fresh(run: Path, tmp_path: Path) -> Path:
-    """A private copy of a run (tests below write exports into it)."""
-    dst = tmp_path / run.name
-    shutil.copytree(run, dst, ignore=shutil.ignore_patterns("exports"))
-    return dst
 
 
 def test_merged_equals_base_plus_adapter(runs, tmp_path):

@@ -16,8 +16,10 @@ def has_tokenizer(path: Path) -> bool:
 
 
 def merge_adapter(base: str, adapter_dir: Path, out_dir: Path, *, sequence_classification: bool,
-                  chat_template: str | None) -> Path:
-    """PEFT ``merge_and_unload`` of ``adapter_dir`` onto ``base``, saved as safetensors with its tokenizer."""
+                  chat_template: str | None, spm_source: Path | None = None) -> Path:
+    """PEFT ``merge_and_unload`` of ``adapter_dir`` onto ``base``, saved as safetensors with its tokenizer.
+    A SentencePiece ``tokenizer.model`` (which transformers 5 no longer saves) is copied from the adapter or
+    ``spm_source`` (the base's folder), so llama.cpp's converter and ours read the real SentencePiece model."""
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
@@ -31,6 +33,9 @@ def merge_adapter(base: str, adapter_dir: Path, out_dir: Path, *, sequence_class
     merged.save_pretrained(out_dir, safe_serialization=True)
     del merged, model
     save_tokenizer(adapter_dir if has_tokenizer(adapter_dir) else base, out_dir, chat_template)
+    for folder in (adapter_dir, spm_source):
+        if folder is not None and (folder / "tokenizer.model").is_file() and not (out_dir / "tokenizer.model").exists():
+            shutil.copy(folder / "tokenizer.model", out_dir / "tokenizer.model")
     return out_dir
 
 
