@@ -1,7 +1,9 @@
 """metrics.jsonl: one line per logging step, the same keys for every backend.
 
 Keys: step, total_steps, epoch, loss, eval_loss, learning_rate, grad_norm, tokens_per_s, memory_mb, time,
-plus stage metrics when present (rewards_chosen, rewards_rejected, reward_margin, reward_accuracy, accuracy).
+plus stage metrics when present: rewards_chosen, rewards_rejected, reward_margin, reward_accuracy, logps_chosen,
+logps_rejected (dpo, orpo, simpo, kto); accuracy (rm); reward, reward_std, kl (grpo; ppo's mean reward model score
+is reward), rlhf_reward, policy_loss, value_loss (ppo).
 Backends' children write it through :func:`trainer_callback` (a transformers TrainerCallback) or
 :class:`MetricsWriter` directly; the runner tails it for the progress bar.
 """
@@ -21,10 +23,14 @@ RENAMES = {
     "rewards/accuracies": "reward_accuracy", "eval_rewards/margins": "eval_reward_margin",
     "eval_rewards/accuracies": "eval_reward_accuracy", "eval_accuracy": "eval_accuracy",
     "current_steps": "step", "train_tokens_per_second": "tokens_per_s", "margin": "reward_margin",
+    "logps/chosen": "logps_chosen", "logps/rejected": "logps_rejected",
+    "objective/scores": "reward", "objective/kl": "kl", "objective/rlhf_reward": "rlhf_reward",
+    "loss/policy_avg": "policy_loss", "loss/value_avg": "value_loss",
 }
 KEEP = {"step", "total_steps", "epoch", "loss", "eval_loss", "learning_rate", "grad_norm", "tokens_per_s",
         "memory_mb", "time", "rewards_chosen", "rewards_rejected", "reward_margin", "reward_accuracy",
-        "eval_reward_margin", "eval_reward_accuracy", "accuracy", "eval_accuracy"}
+        "eval_reward_margin", "eval_reward_accuracy", "accuracy", "eval_accuracy",
+        "logps_chosen", "logps_rejected", "reward", "reward_std", "kl", "rlhf_reward", "policy_loss", "value_loss"}
 
 
 def normalize(row: dict[str, Any]) -> dict[str, Any]:

@@ -60,6 +60,12 @@ def prepare_run(resolved: Resolved, backend: str | None = None, *, plan: bool = 
     data = prepare(strategy, write=write_data)
     with planning() if plan else nullcontext():       # then what the backend refuses in this data
         chosen = choose_backend(strategy, plat, backend, data)
+    if strategy.preference.rewards:              # the user's reward functions: import and call them once, now
+        from .rewards import check
+        rows = [r for r in data.sample(2) if "messages" in r]
+        tpl = load_template(strategy.template)
+        check(list(strategy.preference.rewards), [tpl.render(r["messages"][:-1], add_generation_prompt=True)
+                                                  for r in rows], [r["messages"][-1]["content"] for r in rows])
     steps = total_steps(strategy, data.n_train)
     if steps < 1:
         raise DataError(f"the strategy trains for zero steps ({data.n_train} examples, epochs "
