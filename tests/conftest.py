@@ -65,3 +65,13 @@ def heavy_imports(argv: list[str]) -> list[str]:
     assert proc.returncode == 0, proc.stderr
     line = next(ln for ln in proc.stdout.splitlines() if ln.startswith("HEAVY "))
     return eval(line[len("HEAVY "):])  # noqa: S307 - our own printed list
+
+
+def pytest_collection_modifyitems(config, items):
+    """Opt-in markers: `rl` tests (minutes-long RL runs) run only when asked for with -m rl."""
+    if "rl" in (config.getoption("-m") or ""):
+        return
+    skip = pytest.mark.skip(reason="opt-in: minutes-long reinforcement-learning runs; run them with pytest -m rl")
+    for item in items:
+        if "rl" in item.keywords:
+            item.add_marker(skip)
