@@ -61,7 +61,8 @@ def test_sft_run_directory_equals_pytorch(root):
     assert (m["status"], m["backend"], m["output_kind"]) == ("completed", "llamafactory", "adapter")
     assert m["final_metrics"]["global_step"] == 40
     native = {str(p.relative_to(lf / "native")) for p in (lf / "native").rglob("*") if p.is_file()}
-    assert {"command.txt", "llamafactory_train.yaml", "dataset_info.json", "data/train.jsonl",
+    assert not (lf / "native" / "data").exists(), "the data is referenced in the cache, not copied"
+    assert {"command.txt", "llamafactory_train.yaml", "dataset_info.json",
             "output/trainer_log.jsonl", "output/trainer_state.json", "output/all_results.json"} <= native
     # the adapter's tokenizer carries the template (same chat template and eos as the pytorch backend's)
     assert (lf / "adapter/chat_template.jinja").read_text() == (pt / "adapter/chat_template.jinja").read_text()

@@ -88,7 +88,7 @@ def check_run_dir(run: Path, stage: str, output: str) -> dict:
     assert m["output_kind"] == output
     assert {"manifest.json", "strategy.yaml", "native", "logs", "metrics.jsonl", "checkpoints", "loss.png",
             output} == {p.name for p in run.iterdir()}
-    assert {"train_unsloth.py", "trainer.json", "command.txt", "data"} <= {p.name for p in
+    assert {"train_unsloth.py", "trainer.json", "command.txt"} <= {p.name for p in
                                                                                  (run / "native").iterdir()}
     marker = "adapter_config.json" if output == "adapter" else "config.json"
     assert (run / output / marker).is_file() and (run / output / "tokenizer_config.json").is_file()
