@@ -28,12 +28,20 @@ class PytorchBackend(Backend):
     distributions = ("torch", "transformers", "peft", "trl", "accelerate", "bitsandbytes")
     options = TrainerOptions
     capabilities = Capabilities(
-        stages=frozenset({"sft", "dpo", "rm"}),
+        stages=frozenset({"sft", "pt", "dpo", "orpo", "simpo", "kto", "rm", "ppo", "grpo"}),
         methods=frozenset({"lora", "qlora", "full", "freeze"}),
         quantization=frozenset({"none", "4bit", "8bit"}),
         platforms=frozenset({"cpu", "cuda", "mps"}),
         launchers=frozenset({"none", "torchrun", "accelerate"}),
+        resumable=frozenset({"sft", "pt", "dpo", "orpo", "simpo", "kto", "rm", "grpo"}),
+        reasons={"resume:ppo": "TRL 0.24's PPOTrainer.train takes no checkpoint to resume from; start a new run"},
     )
+
+    def check(self, strategy, platform, data=None) -> None:
+        super().check(strategy, platform, data)
+        if strategy.stage == "ppo":
+            from llfarm.training import check_reward_model
+            check_reward_model(strategy, value_head=False)
 
     def compile(self, ctx: CompileContext) -> NativePlan:
         s, run = ctx.strategy, ctx.run

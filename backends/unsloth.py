@@ -104,13 +104,15 @@ class UnslothBackend(Backend):
     distributions = ("unsloth", "unsloth_zoo")
     options = UnslothOptions
     capabilities = Capabilities(
-        stages=frozenset({"sft", "dpo"}),
+        stages=frozenset({"sft", "pt", "dpo", "orpo", "simpo", "kto", "grpo"}),
         methods=frozenset({"lora", "qlora", "full"}),
         quantization=frozenset({"none", "4bit"}),
         platforms=frozenset({"cuda"}),
         launchers=frozenset({"none"}),
         reasons={
             "stage:rm": "Unsloth has no reward-model API; use --backend pytorch or llamafactory",
+            "stage:ppo": "PPO needs a reward and a value model beside the policy; llfarm runs it with TRL's PPOTrainer "
+                         "on --backend pytorch",
             "method:freeze": "Unsloth trains LoRA adapters or the full model; freezing all but the last layers is "
                              "not an Unsloth feature; use --backend pytorch or llamafactory",
             "quantization:8bit": "llfarm's Unsloth path loads in 16 bits or 4 bits (QLoRA); 8-bit LoRA goes through "

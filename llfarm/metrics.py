@@ -1,7 +1,9 @@
 """metrics.jsonl: one line per logging step, the same keys for every backend.
 
 Keys: step, total_steps, epoch, loss, eval_loss, learning_rate, grad_norm, tokens_per_s, memory_mb, time,
-plus stage metrics when present (rewards_chosen, rewards_rejected, reward_margin, reward_accuracy, accuracy),
+plus stage metrics when present: rewards_chosen, rewards_rejected, reward_margin, reward_accuracy, logps_chosen,
+logps_rejected (dpo, orpo, simpo, kto); accuracy (rm); reward, reward_std, kl (grpo; ppo's mean reward model score
+is reward), rlhf_reward, policy_loss, value_loss (ppo),
 plus memory (:data:`MEMORY_KEYS`, MiB = 2**20 bytes, sampled by :func:`memory_sample` at every logging step):
 
     rss_mb            the training process's resident memory now
@@ -33,11 +35,16 @@ RENAMES = {
     "rewards/accuracies": "reward_accuracy", "eval_rewards/margins": "eval_reward_margin",
     "eval_rewards/accuracies": "eval_reward_accuracy", "eval_accuracy": "eval_accuracy",
     "current_steps": "step", "train_tokens_per_second": "tokens_per_s", "margin": "reward_margin",
+    "logps/chosen": "logps_chosen", "logps/rejected": "logps_rejected",
+    "objective/scores": "reward", "objective/kl": "kl", "objective/rlhf_reward": "rlhf_reward",
+    "loss/policy_avg": "policy_loss", "loss/value_avg": "value_loss",
 }
 MEMORY_KEYS = ("rss_mb", "rss_peak_mb", "gpu_allocated_mb", "gpu_reserved_mb", "gpu_peak_mb")
 KEEP = {"step", "total_steps", "epoch", "loss", "eval_loss", "learning_rate", "grad_norm", "tokens_per_s",
         "memory_mb", "time", "rewards_chosen", "rewards_rejected", "reward_margin", "reward_accuracy",
-        "eval_reward_margin", "eval_reward_accuracy", "accuracy", "eval_accuracy", *MEMORY_KEYS}
+        "eval_reward_margin", "eval_reward_accuracy", "accuracy", "eval_accuracy",
+        "logps_chosen", "logps_rejected", "reward", "reward_std", "kl", "rlhf_reward", "policy_loss", "value_loss",
+        *MEMORY_KEYS}
 
 
 def normalize(row: dict[str, Any]) -> dict[str, Any]:

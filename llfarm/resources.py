@@ -28,7 +28,7 @@ def templates_dir() -> Path:
 
 
 BUILTIN_MODELS = {"tiny-llama": BUILTIN / "tiny-llama"}
-BUILTIN_DATA = {p.stem: p for p in sorted((BUILTIN / "data").glob("*.jsonl"))}
+BUILTIN_DATA = {p.stem: p for p in sorted((BUILTIN / "data").iterdir()) if p.suffix in (".jsonl", ".txt")}
 
 
 def resolve_builtin_model(ref: str) -> Path:

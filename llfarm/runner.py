@@ -65,6 +65,11 @@ def prepare_run(resolved: Resolved, backend: str | None = None, *, plan: bool = 
     with planning() if plan else nullcontext():       # then what the backend refuses in this data
         chosen = choose_backend(strategy, plat, backend, data)
     check_export_formats(strategy, template)
+    if strategy.preference.rewards:              # the user's reward functions: import and call them once, now
+        from .rewards import check
+        rows = [r for r in data.sample(2) if "messages" in r]
+        check(list(strategy.preference.rewards), [template.render(r["messages"][:-1], add_generation_prompt=True)
+                                                  for r in rows], [r["messages"][-1]["content"] for r in rows])
     steps = total_steps(strategy, data.n_train)
     if steps < 1:
         raise DataError(f"the strategy trains for zero steps ({data.n_train} examples, epochs "

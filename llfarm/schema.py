@@ -159,8 +159,22 @@ class TrackingSpec(Section):
 
 
 class PreferenceSpec(Section):
-    beta: float = Field(0.1, gt=0.0, le=100.0, description="DPO beta (strength of the KL penalty).")
+    """Knobs of the preference and reinforcement-learning stages (dpo, orpo, simpo, kto, ppo, grpo)."""
+    beta: float = Field(0.1, ge=0.0, le=100.0, description="dpo/kto/ppo: KL strength; orpo: odds-ratio weight; "
+                                                          "simpo: reward scale; grpo: KL to the reference (0: none).")
     loss: Literal["sigmoid", "hinge", "ipo"] = Field("sigmoid", description="DPO loss variant.")
+    simpo_gamma: float = Field(0.5, ge=0.0, le=100.0, description="simpo: target reward margin.")
+    desirable_weight: float = Field(1.0, gt=0.0, le=100.0, description="kto: weight of desirable completions.")
+    undesirable_weight: float = Field(1.0, gt=0.0, le=100.0, description="kto: weight of undesirable completions.")
+    unpair: bool = Field(False, description="kto: read preference pairs as unpaired feedback (chosen → desirable, "
+                                            "rejected → undesirable).")
+    reward_model: str | None = Field(None, description="ppo: the reward model, an llfarm rm run directory.")
+    rewards: list[str] = Field(default_factory=list, description="grpo: reward functions — exact_match, length, "
+                                                                 "format:<regex>, or file.py:function / "
+                                                                 "package.module:function (your code, run in training).")
+    num_generations: int = Field(4, ge=2, le=256, description="grpo: completions sampled per prompt.")
+    max_new_tokens: int = Field(32, ge=1, le=65_536, description="ppo/grpo: tokens generated per completion.")
+    temperature: float = Field(1.0, gt=0.0, le=10.0, description="ppo/grpo: sampling temperature.")
 
 
 class DistributedSpec(Section):
@@ -195,7 +209,9 @@ class Strategy(Section):
                          description="A backend from `llfarm backends`, or auto (default: the default backend).")
     model: ModelSpec = Field(default_factory=ModelSpec)
     template: str = Field("chatml", description="Chat template name (templates/) or a template YAML path.")
-    stage: Literal["sft", "dpo", "rm"] = Field("sft", description="sft, dpo (preference), rm (reward model).")
+    stage: Literal["sft", "pt", "dpo", "orpo", "simpo", "kto", "rm", "ppo", "grpo"] = Field(
+        "sft", description="sft; pt (continued pretraining); dpo, orpo, simpo (preference pairs); kto (unpaired "
+                           "feedback); rm (reward model); ppo (from an rm run); grpo (reward functions).")
     method: MethodSpec = Field(default_factory=MethodSpec)
     data: DataSpec
     training: TrainingSpec = Field(default_factory=TrainingSpec)
@@ -225,15 +241,27 @@ class Strategy(Section):
 
     @model_validator(mode="after")
     def _combinations(self) -> Strategy:
-        if self.training.packing and self.stage != "sft":
-            raise combination("training.packing", f"packs SFT examples; stage '{self.stage}' pairs or scores whole "
-                                                  "sequences and cannot pack")
+        if self.training.packing and self.stage not in ("sft", "pt"):
+            raise combination("training.packing", f"packs SFT and pretraining examples; stage '{self.stage}' pairs, "
+                                                  "scores or samples whole sequences and cannot pack")
         lora_only = [k for k in ("use_dora", "use_rslora", "loraplus_lr_ratio", "modules_to_save",
                                  "layers_to_transform") if getattr(self.method, k) not in (False, None)]
         if lora_only and not self.is_peft:
             raise combination(f"method.{lora_only[0]}", f"is a LoRA setting; method.type is '{self.method.type}'")
         if self.method.init != "default" and not self.is_peft:
             raise combination("method.init", f"initialises LoRA adapters; method.type is '{self.method.type}'")
+        p = self.preference
+        if self.stage == "ppo" and not p.reward_model:
+            raise combination("preference.reward_model", "is required for stage ppo: the directory of an llfarm rm "
+                                                         "run (llfarm run reward_model)")
+        if self.stage == "grpo" and not p.rewards:
+            raise combination("preference.rewards", "is required for stage grpo: e.g. [exact_match], or "
+                                                    "[my_rewards.py:score]")
+        for key, stages in (("reward_model", ("ppo",)), ("rewards", ("grpo",))):
+            if getattr(p, key) and self.stage not in stages:
+                raise combination(f"preference.{key}", f"is for stage {' or '.join(stages)}, not '{self.stage}'")
+        if p.unpair and self.stage != "kto":
+            raise combination("preference.unpair", f"turns pairs into KTO data; stage is '{self.stage}'")
         return self
 
     @property

@@ -21,7 +21,8 @@ from .redact import redact
 from .resources import strategies_dir
 from .schema import Strategy
 
-PATH_KEYS = ("data.train", "data.eval", "distributed.deepspeed", "template", "model.path")
+PATH_KEYS = ("data.train", "data.eval", "distributed.deepspeed", "template", "model.path", "preference.reward_model",
+             "preference.rewards")
 
 
 @dataclass
@@ -147,6 +148,9 @@ def absolute_path(key: str, value: Any, base: Path) -> Any:
     file, the current directory for ``--set``. Stored absolute, the resolved strategy means the same thing to the
     training child (which runs in the run directory) and to later commands run from anywhere. Names that are not
     paths (builtin:NAME, a hub id, a shipped template, zero2) are left as they are."""
+    if key == "preference.rewards" and isinstance(value, list):    # file.py:function → absolute file
+        return [f"{absolute_path('data.train', v.rpartition(':')[0], base)}:{v.rpartition(':')[2]}"
+                if isinstance(v, str) and ".py:" in v else v for v in value]
     if key in ("data.train", "data.eval") and isinstance(value, list):   # a list of sources
         return [{**v, "path": absolute_path(key, v["path"], base)} if isinstance(v, dict) and "path" in v
                 else absolute_path(key, v, base) for v in value]
@@ -164,6 +168,8 @@ def absolute_path(key: str, value: Any, base: Path) -> Any:
         is_path = value.endswith((".yaml", ".yml"))
     elif key == "model.path":
         is_path = value.startswith(".") or (base / value).is_dir()
+    elif key == "preference.reward_model":
+        is_path = True
     else:
         return value
     return str((base / value).resolve()) if is_path else value

@@ -73,7 +73,42 @@ def tokenize_pairs_batch(batch: dict[str, list], template: ChatTemplate, tokeniz
     return out
 
 
-BATCH_FUNCTIONS = {"sft": tokenize_sft_batch, "dpo": render_preference_batch, "rm": tokenize_pairs_batch}
+def tokenize_text_batch(batch: dict[str, list], template: ChatTemplate, tokenizer, max_length: int
+                        ) -> dict[str, list[list[int]]]:
+    """Continued pretraining: each document's tokens and the eos, every one trained on (no template, no mask)."""
+    ids = tokenizer(list(batch["text"]), add_special_tokens=False)["input_ids"]
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    return {"input_ids": [(x + eos)[:max_length] for x in ids]}
+
+
+def render_kto_batch(batch: dict[str, list], template: ChatTemplate, tokenizer, max_length: int = 0
+                     ) -> dict[str, list]:
+    """prompt (rendered up to the answer) / completion / label for TRL's KTOTrainer."""
+    bos, eos = tokenizer.bos_token or "", tokenizer.eos_token or ""
+    return {"prompt": [template.render(p, add_generation_prompt=True, bos_token=bos, eos_token=eos)
+                       for p in batch["prompt"]],
+            "completion": list(batch["completion"]), "label": list(batch["label"])}
+
+
+def render_prompts_batch(batch: dict[str, list], template: ChatTemplate, tokenizer, max_length: int = 0
+                         ) -> dict[str, list[str]]:
+    """GRPO: the prompt rendered up to the answer, and the reference answer (for reward functions)."""
+    bos, eos = tokenizer.bos_token or "", tokenizer.eos_token or ""
+    return {"prompt": [template.render(m[:-1], add_generation_prompt=True, bos_token=bos, eos_token=eos)
+                       for m in batch["messages"]],
+            "answer": [m[-1]["content"] for m in batch["messages"]]}
+
+
+def tokenize_prompts_batch(batch: dict[str, list], template: ChatTemplate, tokenizer, max_length: int
+                           ) -> dict[str, list[list[int]]]:
+    """PPO: the prompt's token ids (the policy generates the rest)."""
+    prompts = render_prompts_batch(batch, template, tokenizer)["prompt"]
+    return {"input_ids": [x[-max_length:] for x in tokenizer(prompts, add_special_tokens=False)["input_ids"]]}
+
+
+BATCH_FUNCTIONS = {"sft": tokenize_sft_batch, "pt": tokenize_text_batch, "dpo": render_preference_batch,
+                   "orpo": render_preference_batch, "simpo": render_preference_batch, "kto": render_kto_batch,
+                   "rm": tokenize_pairs_batch, "grpo": render_prompts_batch, "ppo": tokenize_prompts_batch}
 
 
 def _columns(rows: list[dict[str, Any]]) -> dict[str, list]:

@@ -53,9 +53,11 @@ def run(spec: dict[str, Any], load: Loader | None = None, *, extra_final: dict[s
                             [trainer_callback(spec["outputs"]["metrics"]), completeness_callback()])
     if spec.get("loraplus_lr_ratio"):
         trainer.optimizer = loraplus_optimizer(trainer, spec["loraplus_lr_ratio"])
-    result = trainer.train(resume_from_checkpoint=spec["resume_from"])
+    # TRL's PPOTrainer.train takes no checkpoint (its backend refuses to resume a ppo run)
+    result = trainer.train() if spec["stage"] == "ppo" else trainer.train(resume_from_checkpoint=spec["resume_from"])
     save(spec, trainer, tokenizer)
-    final = {"global_step": trainer.state.global_step, "train_runtime": result.metrics.get("train_runtime"),
+    final = {"global_step": trainer.state.global_step,
+             "train_runtime": (getattr(result, "metrics", None) or {}).get("train_runtime"),
              "num_input_tokens_seen": trainer.state.num_input_tokens_seen, **(extra_final or {})}
     if spec["stage"] == "rm":
         final["train_pair_accuracy"], final["train_pair_accuracy_n"] = rm_accuracy(trainer.model, train)
@@ -158,10 +160,46 @@ def tokenized(spec: dict[str, Any], which: str, template, tokenizer):
 def build_trainer(spec, model, tokenizer, train, evals, peft_config, callbacks):
     import trl
 
+    stage = spec["stage"]
     trainer_cls, config_cls = getattr(trl, spec["trainer"]), getattr(trl, spec["config"])
-    extra = {"ref_model": None} if spec["stage"] == "dpo" else {}   # dpo: the reference is the base model
-    return trainer_cls(model=model, args=config_cls(**spec["args"]), train_dataset=train, eval_dataset=evals,
-                       processing_class=tokenizer, peft_config=peft_config, callbacks=callbacks, **extra)
+    args = config_cls(**spec["args"])
+    common = {"args": args, "train_dataset": train, "processing_class": tokenizer, "peft_config": peft_config,
+              "callbacks": callbacks}
+    if stage == "ppo":
+        return ppo_trainer(spec, model, tokenizer, train, peft_config, callbacks, args)
+    if stage == "grpo":
+        from .rewards import load
+        return trainer_cls(model=model, reward_funcs=[load(r) for r in spec["rewards"]], eval_dataset=evals, **common)
+    extra = {"ref_model": None} if stage in ("dpo", "kto") else {}   # the reference is the base (adapter off)
+    return trainer_cls(model=model, eval_dataset=evals, **common, **extra)
+
+
+def ppo_trainer(spec, model, tokenizer, train, peft_config, callbacks, args):
+    """TRL's PPOTrainer: the policy, the reward model of the llfarm rm run (its adapter merged onto its base), a value
+    model started from the reward model, and the reference = the policy with its adapter disabled (PEFT)."""
+    import copy
+
+    import torch
+    from transformers import AutoModelForSequenceClassification
+    from trl import PPOTrainer
+
+    from .compat import ensure_warnings_issued
+
+    rm = spec["reward_model"]
+    dtype = getattr(torch, spec["model"]["dtype"])
+    if rm["kind"] == "adapter":
+        from peft import PeftModel
+        base = AutoModelForSequenceClassification.from_pretrained(rm["base"], num_labels=1, dtype=dtype)
+        reward = PeftModel.from_pretrained(base, rm["path"]).merge_and_unload()
+    else:
+        reward = AutoModelForSequenceClassification.from_pretrained(rm["path"], num_labels=1, dtype=dtype)
+    reward.config.pad_token_id = tokenizer.pad_token_id
+    value = copy.deepcopy(reward)
+    for m in (reward, value):
+        ensure_warnings_issued(m)
+    ref = None if peft_config is not None else copy.deepcopy(model)
+    return PPOTrainer(args=args, processing_class=tokenizer, model=model, ref_model=ref, reward_model=reward,
+                      train_dataset=train, value_model=value, callbacks=callbacks, peft_config=peft_config)
 
 
 def loraplus_optimizer(trainer, ratio: float):

@@ -25,8 +25,11 @@ if TYPE_CHECKING:
     from .schema import Strategy
 
 NEVER = 10**9                       # save_steps when training.save_every is null: only the final save
-TRAINERS = {"sft": ("SFTTrainer", "SFTConfig"), "dpo": ("DPOTrainer", "DPOConfig"),
-            "rm": ("RewardTrainer", "RewardConfig")}
+TRAINERS = {"sft": ("SFTTrainer", "SFTConfig"), "pt": ("SFTTrainer", "SFTConfig"),
+            "dpo": ("DPOTrainer", "DPOConfig"), "orpo": ("ORPOTrainer", "ORPOConfig"),
+            "simpo": ("CPOTrainer", "CPOConfig"), "kto": ("KTOTrainer", "KTOConfig"),
+            "rm": ("RewardTrainer", "RewardConfig"), "ppo": ("PPOTrainer", "PPOConfig"),
+            "grpo": ("GRPOTrainer", "GRPOConfig")}
 DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
 # TrainingArguments keys llfarm sets, with the strategy field (or llfarm mechanism) each comes from. A backend that
@@ -48,7 +51,7 @@ HF_SOURCES = {
     "adam_epsilon": "training.adam_epsilon", "warmup_steps": "training.warmup_steps", "tf32": "training.tf32",
     "train_sampling_strategy": "training.group_by_length", "dataloader_num_workers": "training.dataloader_workers",
     "neftune_noise_alpha": "training.neftune_alpha", "report_to": "tracking.report_to",
-    "run_name": "tracking.run_name",
+    "run_name": "tracking.run_name", "total_episodes": "training.max_steps / epochs (PPO)",
 }
 # TrainingArguments llfarm sets to its own defaults; a backend's raw options may override them.
 HF_DEFAULTS: dict[str, Any] = {
@@ -118,15 +121,20 @@ def total_steps(s: Strategy, n_train: int) -> int:
     t = s.training
     if t.max_steps:
         return t.max_steps
-    batches = math.ceil(n_train / (t.batch_size * world_size(s)))
+    examples = n_train * (s.preference.num_generations if s.stage == "grpo" else 1)   # grpo: completions
+    batches = math.ceil(examples / (t.batch_size * world_size(s)))
     per_epoch = max(batches // t.grad_accum, 1) if batches else 0
     return math.ceil(t.epochs * per_epoch)
 
 
 def examples_needed(s: Strategy) -> int | None:
-    """How many training examples a run with training.max_steps sees (None: whole epochs)."""
+    """How many training examples a run with training.max_steps sees (None: whole epochs). GRPO's batch counts
+    completions: each example (prompt) gives preference.num_generations of them."""
     t = s.training
-    return t.max_steps * t.batch_size * t.grad_accum * world_size(s) if t.max_steps else None
+    if not t.max_steps:
+        return None
+    n = t.max_steps * t.batch_size * t.grad_accum * world_size(s)
+    return -(-n // s.preference.num_generations) if s.stage == "grpo" else n
 
 
 def eval_steps(s: Strategy, steps: int) -> int:
@@ -169,6 +177,8 @@ def training_arguments(ctx: CompileContext, steps: int) -> dict[str, Any]:
         args["run_name"] = s.tracking.run_name or ctx.run.root.name
     if s.distributed.deepspeed:
         args["deepspeed"] = str(ctx.run.native / "deepspeed.json")
+    if s.stage == "ppo":   # PPO counts episodes: steps x the prompts each step takes
+        args["total_episodes"] = steps * tr.batch_size * tr.grad_accum * world_size(s)
     assert set(args) <= set(HF_SOURCES) | set(HF_DEFAULTS), set(args) - set(HF_SOURCES) - set(HF_DEFAULTS)
     return args
 
@@ -181,9 +191,29 @@ def stage_arguments(s: Strategy) -> dict[str, Any]:
         # Packing: TRL's best-fit-decreasing packing of the tokenized examples into max_length sequences.
         return {"max_length": n, "completion_only_loss": True, "packing": s.training.packing,
                 "dataset_kwargs": {"skip_prepare_dataset": False}}
+    p = s.preference
+    if s.stage == "pt":           # every token trains (no answer mask); packing is common for documents
+        return {"max_length": n, "completion_only_loss": False, "packing": s.training.packing,
+                "dataset_kwargs": {"skip_prepare_dataset": False}}
     if s.stage == "dpo":
-        return {"beta": s.preference.beta, "loss_type": s.preference.loss, "max_length": n,
-                "max_prompt_length": n // 2, "precompute_ref_log_probs": False}
+        return {"beta": p.beta, "loss_type": p.loss, "max_length": n, "max_prompt_length": n // 2,
+                "precompute_ref_log_probs": False}
+    if s.stage == "orpo":
+        return {"beta": p.beta, "max_length": n, "max_prompt_length": n // 2}
+    if s.stage == "simpo":         # SimPO is CPO's simpo loss with the behaviour-cloning term off
+        return {"beta": p.beta, "loss_type": "simpo", "cpo_alpha": 0.0, "simpo_gamma": p.simpo_gamma,
+                "max_length": n, "max_prompt_length": n // 2}
+    if s.stage == "kto":
+        return {"beta": p.beta, "desirable_weight": p.desirable_weight, "undesirable_weight": p.undesirable_weight,
+                "max_length": n, "max_prompt_length": n // 2, "max_completion_length": n // 2}
+    if s.stage == "grpo":
+        return {"beta": p.beta, "num_generations": p.num_generations, "max_prompt_length": n,
+                "max_completion_length": p.max_new_tokens, "temperature": p.temperature}
+    if s.stage == "ppo":           # TRL's PPO loop counts episodes (prompts), not optimizer steps
+        return {"response_length": p.max_new_tokens, "temperature": p.temperature, "kl_coef": p.beta,
+                "num_sample_generations": 0, "stop_token": "eos", "missing_eos_penalty": None,
+                "local_rollout_forward_batch_size": s.training.batch_size, "num_ppo_epochs": 1,
+                "num_mini_batches": 1}
     return {"max_length": n, "center_rewards_coefficient": None}
 
 
@@ -240,6 +270,44 @@ def data_spec(ctx: CompileContext) -> dict[str, Any]:
             "num_proc": max(1, min(os.cpu_count() or 1, 8))}
 
 
+def reward_model_spec(s: Strategy) -> dict[str, Any]:
+    """PPO's reward model, from the llfarm rm run preference.reward_model names (checked by check_reward_model)."""
+    import json
+    from pathlib import Path
+    run = Path(s.preference.reward_model or "")
+    m = json.loads((run / "manifest.json").read_text(encoding="utf-8"))
+    out = run / m.get("paths", {}).get("output", "adapter")
+    return {"run": str(run), "base": m["model_path"], "kind": m.get("output_kind"), "path": str(out),
+            "backend": m.get("backend")}
+
+
+def check_reward_model(s: Strategy, value_head: bool) -> None:
+    """preference.reward_model must be a completed rm run whose reward head this backend can load: a classification
+    head (``value_head`` False) or LlamaFactory's value head (True)."""
+    import json
+    from pathlib import Path
+
+    from .errors import StrategyError
+    where = "preference.reward_model"
+    run = Path(s.preference.reward_model or "")
+    try:
+        m = json.loads((run / "manifest.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        raise StrategyError([f"{run} is not an llfarm run directory (no readable manifest.json)"], where=where,
+                            hint="train one with `llfarm run reward_model` and give its directory") from None
+    if m.get("stage") != "rm" or m.get("status") != "completed":
+        raise StrategyError([f"{run} is a {m.get('status')} {m.get('stage')} run; PPO needs a completed rm run"],
+                            where=where, hint="train one with `llfarm run reward_model`")
+    has_value_head = (run / "adapter" / "value_head.safetensors").is_file() or \
+        (run / "model" / "value_head.safetensors").is_file()
+    if has_value_head != value_head:
+        have, need = ("LlamaFactory's value head", "a classification head") if has_value_head else \
+            ("a classification head", "LlamaFactory's value head")
+        raise StrategyError([f"the reward model of {run} ({m.get('backend')} backend) has {have}; this backend's PPO "
+                             f"loads {need}"], where=where,
+                            hint="train the reward model and run PPO on the same backend")
+
+
 def trainer_spec(ctx: CompileContext, steps: int, options: dict[str, Any] | None = None) -> dict[str, Any]:
     """Everything the shared trainer child needs, as JSON: the strategy mapped once, nothing left implicit."""
     s, run = ctx.strategy, ctx.run
@@ -254,6 +322,8 @@ def trainer_spec(ctx: CompileContext, steps: int, options: dict[str, Any] | None
                   "attn_implementation": None if s.training.attention == "auto" else s.training.attention,
                   "quantization": quantization_arguments(s)},
         "loraplus_lr_ratio": s.method.loraplus_lr_ratio,
+        "rewards": list(s.preference.rewards),
+        "reward_model": reward_model_spec(s) if s.stage == "ppo" else None,
         "peft": lora_arguments(s),
         "freeze": {"trainable_layers": s.method.trainable_layers} if s.method.type == "freeze" else None,
         "args": {**training_arguments(ctx, steps), **stage_arguments(s), **(options or {})},

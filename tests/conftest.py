@@ -97,3 +97,13 @@ def one_line_error(proc: subprocess.CompletedProcess, expect: list[str]) -> str:
     for piece in expect:
         assert piece in err, f"{piece!r} not in: {err}"
     return err
+
+
+def pytest_collection_modifyitems(config, items):
+    """Opt-in markers: `rl` tests (minutes-long RL runs) run only when asked for with -m rl."""
+    if "rl" in (config.getoption("-m") or ""):
+        return
+    skip = pytest.mark.skip(reason="opt-in: minutes-long reinforcement-learning runs; run them with pytest -m rl")
+    for item in items:
+        if "rl" in item.keywords:
+            item.add_marker(skip)

@@ -10,7 +10,7 @@ from llfarm.errors import StrategyError
 from llfarm.strategy import redact, resolve, shipped_strategies
 
 SHIPPED = ["quickstart", "cpu_lora_sft", "cpu_full_sft", "dpo", "reward_model", "cuda_qlora_sft",
-           "mps_lora_sft", "llamafactory_sft", "unsloth_sft"]
+           "mps_lora_sft", "llamafactory_sft", "unsloth_sft", "pretrain", "orpo", "simpo", "kto", "grpo"]
 
 
 def test_all_required_strategies_are_shipped():

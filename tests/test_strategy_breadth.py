@@ -121,7 +121,7 @@ def test_shipped_cuda_qlora_strategy_uses_the_paged_optimizer_and_nf4(tmp_path):
     (["training.optimizer=adamw_8bt"], ["'training.optimizer' must be", "did you mean 'adamw_8bit'"]),
     (["training.warmup_steps=-1"], ["'training.warmup_steps'", "greater than or equal to 0"]),
     (["stage=dpo", "data.train=builtin:preference", "training.packing=true"],
-     ["'training.packing' packs SFT examples", "stage 'dpo'"]),
+     ["'training.packing' packs SFT and pretraining examples", "stage 'dpo'"]),
     (["method.type=qlora", "method.use_dora=true", "--backend", "unsloth"],
      ["method.use_dora", "do not implement DoRA", "--backend pytorch"]),
     (["training.optimizer=paged_adamw_8bit", "--backend", "pytorch"], ["'paged_adamw_8bit' needs CUDA"]),

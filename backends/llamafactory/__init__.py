@@ -47,12 +47,12 @@ class LlamaFactoryBackend(Backend):
     packages = ("llamafactory", "torch", "transformers", "peft", "trl")
     distributions = ("llamafactory",)
     capabilities = Capabilities(
-        stages=frozenset({"sft", "dpo", "rm"}),
+        stages=frozenset({"sft", "pt", "dpo", "orpo", "simpo", "kto", "rm"}),
         methods=frozenset({"lora", "qlora", "full", "freeze"}),
         quantization=frozenset({"none", "4bit", "8bit"}),
         platforms=frozenset({"cpu", "cuda"}),
         launchers=frozenset({"none", "torchrun"}),
-        resumable=frozenset({"sft", "dpo"}),
+        resumable=frozenset({"sft", "pt", "dpo", "orpo", "simpo", "kto"}),
         unsupported={
             "method.bias": "LlamaFactory 0.9.5 trains LoRA without biases",
             "method.layers_to_transform": "LlamaFactory 0.9.5 puts adapters on every layer it targets",
@@ -67,6 +67,9 @@ class LlamaFactoryBackend(Backend):
             # current stage") and does not restore the value head of an rm LoRA checkpoint.
             "resume:rm": "LlamaFactory 0.9.5 does not restore a reward model's value head from a checkpoint; "
                          "start a new run",
+            "stage:ppo": "LlamaFactory 0.9.5's PPO says: 'Incompatible TRL version detected. LLaMA-Factory ppo "
+                         "requires TRL version >=0.8.6,<=0.9.6' — the pinned stack has trl 0.24.0",
+            "stage:grpo": "LlamaFactory 0.9.5 has no GRPO stage (its stages are pt, sft, rm, ppo, dpo, kto)",
         },
     )
 

@@ -37,7 +37,9 @@ OWNED: dict[str, str] = {
     "stage": "stage", "do_train": "llfarm (every run trains)", "finetuning_type": "method.type",
     "lora_rank": "method.r", "lora_alpha": "method.alpha", "lora_dropout": "method.dropout",
     "lora_target": "method.target_modules", "freeze_trainable_layers": "method.trainable_layers",
-    "pref_beta": "preference.beta", "pref_loss": "preference.loss",
+    "pref_beta": "preference.beta", "pref_loss": "preference.loss (and the stage: orpo, simpo)",
+    "simpo_gamma": "preference.simpo_gamma", "kto_chosen_weight": "preference.desirable_weight",
+    "kto_rejected_weight": "preference.undesirable_weight",
     "dataset": "data.train", "eval_dataset": "data.eval", "dataset_dir": "data.train (the run's native/)",
     "template": "template", "cutoff_len": "data.max_length", "default_system": "data.system",
     "tokenized_path": "llfarm's data cache (keyed by the data, tokenizer, template, cutoff_len and stage)",
@@ -131,7 +133,8 @@ def build_config(ctx, steps: int, template_name: str, options: dict[str, Any]) -
             c.put("model", "double_quantization", s.model.double_quant)
     c.put("model", "flash_attn", FLASH_ATTN[s.training.attention])
 
-    c.put("method", "stage", s.stage)
+    # LlamaFactory runs ORPO and SimPO as its dpo stage with another preference loss
+    c.put("method", "stage", {"orpo": "dpo", "simpo": "dpo"}.get(s.stage, s.stage))
     c.put("method", "do_train", True)
     c.put("method", "finetuning_type", "lora" if s.is_peft else m.type)
     if s.is_peft:
@@ -151,9 +154,16 @@ def build_config(ctx, steps: int, template_name: str, options: dict[str, Any]) -
     elif m.type == "freeze":
         c.put("method", "freeze_trainable_layers", m.trainable_layers)
         c.default("method", "freeze_trainable_modules")
-    if s.stage == "dpo":
-        c.put("method", "pref_beta", s.preference.beta)
-        c.put("method", "pref_loss", s.preference.loss)
+    p = s.preference
+    if s.stage in ("dpo", "orpo", "simpo", "kto"):
+        c.put("method", "pref_beta", p.beta)
+    if s.stage in ("dpo", "orpo", "simpo"):
+        c.put("method", "pref_loss", p.loss if s.stage == "dpo" else s.stage)
+    if s.stage == "simpo":
+        c.put("method", "simpo_gamma", p.simpo_gamma)
+    if s.stage == "kto":
+        c.put("method", "kto_chosen_weight", p.desirable_weight)
+        c.put("method", "kto_rejected_weight", p.undesirable_weight)
 
     c.put("dataset", "dataset", TRAIN_DATASET)
     if ctx.data.eval_path is not None:
@@ -166,8 +176,8 @@ def build_config(ctx, steps: int, template_name: str, options: dict[str, Any]) -
     c.put("dataset", "cutoff_len", d.max_length)
     if s.stage == "sft":
         c.put("dataset", "mask_history", True)   # the loss is on the final answer only, as on the other backends
-        if s.training.packing:
-            c.put("dataset", "packing", True)
+    if s.stage in ("sft", "pt"):                # explicit: LlamaFactory would pack pt data unless told
+        c.put("dataset", "packing", s.training.packing)
     c.default("dataset", "overwrite_cache")
     if ctx.data.n_train >= 10_000:              # LlamaFactory tokenizes in one process unless told
         c.put("dataset", "preprocessing_num_workers", max(1, min(os.cpu_count() or 1, 8)))

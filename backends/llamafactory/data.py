@@ -50,10 +50,18 @@ def write_datasets(data, native: Path) -> Path:
         if data.kind == "preference":
             out = lf_cache() / f"sel-{data.key[:40]}" / f"{name}.jsonl"
             if not out.is_file():
-                ranking_form(path, out)
+                lf_form(path, out, ranking_row)
             info[name] = {"file_name": str(out), "formatting": "sharegpt", "ranking": True,
                           "columns": {"messages": "messages", "chosen": "chosen", "rejected": "rejected"},
                           "tags": dict(OPENAI_TAGS)}
+        elif data.kind == "kto":
+            out = lf_cache() / f"sel-{data.key[:40]}" / f"{name}.kto.jsonl"
+            if not out.is_file():
+                lf_form(path, out, kto_row)
+            info[name] = {"file_name": str(out), "formatting": "sharegpt",
+                          "columns": {"messages": "messages", "kto_tag": "label"}, "tags": dict(OPENAI_TAGS)}
+        elif data.kind == "text":               # continued pretraining reads the prompt column
+            info[name] = {"file_name": str(path), "columns": {"prompt": "text"}}
         else:
             info[name] = {"file_name": str(path), "formatting": "sharegpt", "columns": {"messages": "messages"},
                           "tags": dict(OPENAI_TAGS)}
@@ -62,8 +70,17 @@ def write_datasets(data, native: Path) -> Path:
     return out_path
 
 
-def ranking_form(src: Path, out: Path) -> None:
-    """Normalized preference rows → LlamaFactory's ShareGPT ranking rows, streamed into ``out`` (atomically)."""
+def ranking_row(r: dict[str, Any]) -> dict[str, Any]:
+    return {"messages": r["prompt"], "chosen": {"role": "assistant", "content": r["chosen"]},
+            "rejected": {"role": "assistant", "content": r["rejected"]}}
+
+
+def kto_row(r: dict[str, Any]) -> dict[str, Any]:
+    return {"messages": [*r["prompt"], {"role": "assistant", "content": r["completion"]}], "label": r["label"]}
+
+
+def lf_form(src: Path, out: Path, row) -> None:
+    """Normalized rows → LlamaFactory's own rows (``row``), streamed into ``out`` (atomically)."""
     import os
 
     import orjson
@@ -71,7 +88,5 @@ def ranking_form(src: Path, out: Path) -> None:
     tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
     with open(src, "rb") as fh, open(tmp, "wb") as dst:
         for line in fh:
-            r = orjson.loads(line)
-            dst.write(orjson.dumps({"messages": r["prompt"], "chosen": {"role": "assistant", "content": r["chosen"]},
-                                    "rejected": {"role": "assistant", "content": r["rejected"]}}) + b"\n")
+            dst.write(orjson.dumps(row(orjson.loads(line))) + b"\n")
     os.replace(tmp, out)

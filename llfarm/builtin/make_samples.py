@@ -67,6 +67,12 @@ def main() -> None:
     write_jsonl("preference.jsonl", [
         {"prompt": p, "chosen": a, "rejected": b} for p, a, b in pairs
     ])
+    write_jsonl("kto.jsonl", [                      # unpaired feedback: each good and each bad answer, labelled
+        {"prompt": p, "completion": answer, "label": label} for p, a, b in pairs for answer, label in
+        ((a, True), (b, False))
+    ])
+    # plain text for continued pretraining: the facts as sentences, one document per line
+    (HERE / "text.txt").write_text("".join(f"{a}\n" for _, a, _ in pairs), encoding="utf-8")
 
 
 if __name__ == "__main__":

@@ -8,11 +8,14 @@
                 or ranking-style (LlamaFactory, ShareGPT) {"messages"|"conversations": prompt, "chosen": message,
                 "rejected": message}
     text        {"text": str}                     (plain text files become this)
+    kto         {"prompt": str|messages, "completion": str, "label": true|false}
+                or {"messages": [... ending with the assistant completion], "label": true|false}
 
 Normalized (what every backend reads):
     sft         {"messages": [...]}                           ends with the assistant answer to learn
     preference  {"prompt": [messages ending with user], "chosen": str, "rejected": str}
     text        {"text": str}
+    kto         {"prompt": [messages ending with user], "completion": str, "label": bool}
 """
 
 from __future__ import annotations
@@ -22,21 +25,27 @@ from typing import Any
 from ..errors import DataError, one_of
 
 SFT_FORMATS = ("alpaca", "messages", "sharegpt")
-FORMATS = (*SFT_FORMATS, "preference", "text")
-KIND_OF = {"alpaca": "sft", "messages": "sft", "sharegpt": "sft", "preference": "preference", "text": "text"}
-STAGE_KIND = {"sft": "sft", "dpo": "preference", "rm": "preference"}
+FORMATS = (*SFT_FORMATS, "preference", "kto", "text")
+KIND_OF = {"alpaca": "sft", "messages": "sft", "sharegpt": "sft", "preference": "preference", "kto": "kto",
+           "text": "text"}
+# The kind of normalized data each stage trains on (ppo and grpo take conversations: the prompt, and the answer as
+# the reference a reward function may compare with).
+STAGE_KIND = {"sft": "sft", "pt": "text", "dpo": "preference", "orpo": "preference", "simpo": "preference",
+              "rm": "preference", "kto": "kto", "ppo": "sft", "grpo": "sft"}
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
                   "system": "system", "chatgpt": "assistant", "bing": "assistant", "bard": "assistant"}
 ROLES = {"system": "system", "user": "user", "assistant": "assistant"}
 # The keys that make a record one format or another (the first record decides with data.format: auto).
-SIGNATURE = {"preference": ("chosen", "rejected"), "messages": ("messages",), "sharegpt": ("conversations",),
-             "alpaca": ("instruction", "output"), "text": ("text",)}
+SIGNATURE = {"preference": ("chosen", "rejected"), "kto": ("label",), "messages": ("messages",),
+             "sharegpt": ("conversations",), "alpaca": ("instruction", "output"), "text": ("text",)}
 
 
 def detect_format(record: dict[str, Any]) -> str | None:
     """The format a record's keys say (SIGNATURE, most specific first). Unrolled: it runs once per record."""
     if "chosen" in record and "rejected" in record:
         return "preference"
+    if "label" in record and ("completion" in record or "messages" in record):
+        return "kto"
     if "messages" in record:
         return "messages"
     if "conversations" in record:
@@ -119,6 +128,8 @@ def normalize(fmt: str, rec: dict[str, Any], where: str, system: str | None) -> 
     """One record in format ``fmt`` → its normalized form (see the module docstring)."""
     if fmt == "preference":
         return _preference(rec, where, system)
+    if fmt == "kto":
+        return _kto(rec, where, system)
     if fmt == "text":
         _require(rec, "text", ("text",), where)
         return {"text": _text(rec["text"], where, "text")}
@@ -182,12 +193,39 @@ def _preference(rec: dict[str, Any], where: str, system: str | None) -> dict[str
     return out
 
 
+def _kto(rec: dict[str, Any], where: str, system: str | None) -> dict[str, Any]:
+    label = rec.get("label")
+    if not isinstance(label, bool):
+        raise DataError(f"'label' must be true or false, received {label!r:.30}", where=where,
+                        hint="KTO feedback marks each completion desirable (true) or not (false)")
+    if "completion" in rec:
+        _require(rec, "kto", ("prompt",), where)
+        p = rec["prompt"]
+        prompt = [{"role": "user", "content": p}] if isinstance(p, str) else _messages(p, where, "prompt")
+        completion = _text(rec["completion"], where, "completion")
+    else:
+        msgs = _messages(rec["messages"], where, "messages")
+        _check_dialogue(msgs, where)
+        prompt, completion = msgs[:-1], msgs[-1]["content"]
+    if prompt[-1]["role"] != "user":
+        raise DataError("the KTO prompt must end with a user message", where=where)
+    if system and prompt[0]["role"] != "system":
+        prompt.insert(0, {"role": "system", "content": system})
+    return {"prompt": prompt, "completion": completion, "label": label}
+
+
+def unpair(row: dict[str, Any]) -> list[dict[str, Any]]:
+    """A normalized preference pair as two KTO rows: chosen desirable, rejected not (preference.unpair)."""
+    return [{"prompt": row["prompt"], "completion": row["chosen"], "label": True},
+            {"prompt": row["prompt"], "completion": row["rejected"], "label": False}]
+
+
 def conversation(row: dict[str, Any]) -> list[dict[str, str]]:
     """The messages of a normalized row (a preference row's prompt, with an empty answer)."""
     if "messages" in row:
         return row["messages"]
     if "prompt" in row:
-        return [*row["prompt"], {"role": "assistant", "content": row["chosen"]}]
+        return [*row["prompt"], {"role": "assistant", "content": row.get("chosen", row.get("completion", ""))}]
     return []
 
 

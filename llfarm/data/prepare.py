@@ -30,7 +30,17 @@ from typing import Any
 import orjson
 
 from ..errors import DataError
-from .formats import KIND_OF, STAGE_KIND, conversation, detect_format, normalize, rename_columns, shape, turn_problem
+from .formats import (
+    KIND_OF,
+    STAGE_KIND,
+    conversation,
+    detect_format,
+    normalize,
+    rename_columns,
+    shape,
+    turn_problem,
+    unpair,
+)
 from .readers import Reader, open_source
 
 NORMALIZER_VERSION = 1
@@ -64,6 +74,7 @@ class SourceData:
     shapes: dict[str, int] = field(default_factory=dict)     # conversations with a system message / several turns
     turn_problem: list[str] | None = None      # [where, what] of the first conversation whose turns do not alternate
     dir: Path | None = None                                   # the cache entry, when written
+    first: list[dict[str, Any]] = field(default_factory=list, repr=False)   # the first rows (not written: checks)
 
     @property
     def data_path(self) -> Path:
@@ -84,12 +95,12 @@ class SourceData:
 
 def scan(reader: Reader, *, weight: float, fmt_setting: str, stage_kind: str | None, system: str | None,
          columns: dict[str, str], write: bool, visit: Callable[[dict[str, Any]], None] | None = None,
-         stage: str | None = None) -> SourceData:
+         stage: str | None = None, unpair_pairs: bool = False) -> SourceData:
     """Check and normalize one source (see the module docstring); from the cache when it is there. ``visit`` sees
     every normalized row (from the cache, or as the source is read); ``stage_kind`` None accepts any kind."""
     sha = reader.fingerprint()
     cache_key = digest(NORMALIZER_VERSION, sha, reader.kind, reader.split, reader.text_unit, fmt_setting, system,
-                       sorted(columns.items()))
+                       sorted(columns.items()), *(["unpair"] if unpair_pairs else []))
     final = cache_root() / "data" / f"src-{cache_key[:40]}"
     if (final / COMPLETE).is_file():
         meta = json.loads((final / COMPLETE).read_text(encoding="utf-8"))
@@ -105,7 +116,8 @@ def scan(reader: Reader, *, weight: float, fmt_setting: str, stage_kind: str | N
     check_columns(reader, columns)
     tmp = final.parent / f".tmp-{cache_key[:16]}-{os.getpid()}" if write else None
     try:
-        src = _scan(reader, sha, cache_key, weight, fmt_setting, stage_kind, system, columns, tmp, visit, stage)
+        src = _scan(reader, sha, cache_key, weight, fmt_setting, stage_kind, system, columns, tmp, visit, stage,
+                    unpair_pairs)
         if tmp is not None:
             try:
                 os.replace(tmp, final)
@@ -121,11 +133,13 @@ def scan(reader: Reader, *, weight: float, fmt_setting: str, stage_kind: str | N
 
 def _scan(reader: Reader, sha: str, cache_key: str, weight: float, fmt_setting: str, stage_kind: str | None,
           system: str | None, columns: dict[str, str], tmp: Path | None,
-          visit: Callable[[dict[str, Any]], None] | None, stage: str | None) -> SourceData:
+          visit: Callable[[dict[str, Any]], None] | None, stage: str | None,
+          unpair_pairs: bool = False) -> SourceData:
     fmt: str | None = None
     first_where = ""
     count = with_system = multi_turn = 0
     problem: list[str] | None = None
+    first: list[dict[str, Any]] = []
     fh = offsets = None
     if tmp is not None:
         tmp.mkdir(parents=True, exist_ok=True)
@@ -145,30 +159,34 @@ def _scan(reader: Reader, sha: str, cache_key: str, weight: float, fmt_setting: 
                                     hint="expected alpaca (instruction/output), messages, conversations (ShareGPT), "
                                          "prompt/chosen/rejected or text; set data.format, or map names with "
                                          "data.columns")
-                check_kind(KIND_OF[fmt], fmt, stage_kind, reader.key, stage)
+                check_kind("kto" if unpair_pairs and KIND_OF[fmt] == "preference" else KIND_OF[fmt], fmt,
+                           stage_kind, reader.key, stage)
             elif fmt_setting == "auto":
                 other = detect_format(rec)
                 if other is not None and other != fmt:
                     raise DataError(f"this record is in {other} format, the first one ({first_where}) in {fmt}",
                                     where=where, hint="a source must use one format throughout")
             row = normalize(fmt, rec, where, system)
-            count += 1
-            if visit is not None:
-                visit(row)
-            msgs = conversation(row)
-            if len(msgs) > 2:                # a single user turn and its answer has one shape, and alternates
-                s, m = shape(msgs)
-                with_system += s
-                multi_turn += m
-                if problem is None:
-                    p = turn_problem(msgs)
-                    if p:
-                        problem = [where, p]
-            if fh is not None:
-                line = dumps(row) + b"\n"
-                offsets.append(pos)
-                fh.write(line)
-                pos += len(line)
+            for row in (unpair(row) if unpair_pairs and "chosen" in row else (row,)):
+                count += 1
+                if visit is not None:
+                    visit(row)
+                if count <= 2:
+                    first.append(row)
+                msgs = conversation(row)
+                if len(msgs) > 2:                # a single user turn and its answer has one shape, and alternates
+                    s, m = shape(msgs)
+                    with_system += s
+                    multi_turn += m
+                    if problem is None:
+                        p = turn_problem(msgs)
+                        if p:
+                            problem = [where, p]
+                if fh is not None:
+                    line = dumps(row) + b"\n"
+                    offsets.append(pos)
+                    fh.write(line)
+                    pos += len(line)
     finally:
         if fh is not None:
             fh.close()
@@ -176,13 +194,14 @@ def _scan(reader: Reader, sha: str, cache_key: str, weight: float, fmt_setting: 
         raise DataError("the dataset is empty: zero examples means zero training steps", where=reader.label,
                         hint="add examples, or point the strategy at another file")
     assert fmt is not None
-    src = SourceData(ref=reader.ref, key=reader.key, weight=weight, sha256=sha, format=fmt, kind=KIND_OF[fmt],
+    kind = "kto" if unpair_pairs and KIND_OF[fmt] == "preference" else KIND_OF[fmt]
+    src = SourceData(ref=reader.ref, key=reader.key, weight=weight, sha256=sha, format=fmt, kind=kind,
                      count=count, cache_key=cache_key, shapes={"system": with_system, "multi-turn": multi_turn},
-                     turn_problem=problem)
+                     turn_problem=problem, first=first)
     if tmp is not None:
         with open(tmp / "offsets.bin", "wb") as out:
             offsets.tofile(out)
-        meta = {"source": reader.ref, "sha256": sha, "format": fmt, "kind": src.kind, "count": count,
+        meta = {"source": reader.ref, "sha256": sha, "format": fmt, "kind": kind, "count": count,
                 "shapes": src.shapes, "turn_problem": problem, "normalizer": NORMALIZER_VERSION}
         (tmp / COMPLETE).write_text(json.dumps(meta, indent=1), encoding="utf-8")
     return src
@@ -191,6 +210,17 @@ def _scan(reader: Reader, sha: str, cache_key: str, weight: float, fmt_setting: 
 def check_kind(kind: str, fmt: str, stage_kind: str | None, key: str, stage: str | None = None) -> None:
     if stage_kind is None or kind == stage_kind:
         return
+    if stage_kind == "kto":
+        hint = "or set preference.unpair: true to read pairs as KTO feedback" if kind == "preference" else ""
+        raise DataError(f"stage 'kto' needs unpaired feedback (prompt/completion/label), received {fmt}-format data",
+                        where=key, hint=f"give records with a true/false label {hint}".strip())
+    if stage_kind == "text":
+        raise DataError(f"stage 'pt' needs plain text (a .txt file, or records with 'text'), received {fmt}-format "
+                        "data", where=key, hint="continued pretraining trains on every token of documents; use "
+                                               "stage: sft for conversations, dpo/orpo/simpo for pairs")
+    if kind == "kto":
+        raise DataError(f"stage '{stage}' cannot train on KTO feedback (prompt/completion/label)", where=key,
+                        hint="use stage: kto for this data")
     if stage_kind == "preference":
         raise DataError(f"stage '{stage or 'dpo/rm'}' needs preference pairs (prompt/chosen/rejected), received "
                         f"{fmt}-format data",
@@ -274,6 +304,14 @@ class PreparedData:
             else:
                 self.eval_path = _write_selection(self.key, "eval", pool, self.eval_index)
         return self
+
+    def sample(self, n: int = 2) -> list[dict[str, Any]]:
+        """The first n normalized training rows of the first source (for checks that call user code)."""
+        src = self.sources[0]
+        if src.dir is not None:
+            with open(src.data_path, "rb") as fh:
+                return [orjson.loads(line) for _, line in zip(range(n), fh)]
+        return list(src.first)[:n]
 
     def rows(self, which: str = "train", limit: int | None = None):
         """Normalized rows of the selection (streamed from the cache), e.g. for inspect and eval."""
@@ -405,7 +443,7 @@ def open_sources(spec, which: str, stage: str, *, write: bool) -> list[SourceDat
         key = f"data.{which}" if isinstance(getattr(d, which), str) else f"data.{which}[{i}]"
         reader = open_source(item.path, key, split=item.split, text_unit=d.text_unit)
         out.append(scan(reader, weight=item.weight, fmt_setting=d.format, stage_kind=stage_kind, system=d.system,
-                        columns=d.columns, write=write, stage=stage))
+                        columns=d.columns, write=write, stage=stage, unpair_pairs=spec.preference.unpair))
     return out
 
 

@@ -340,7 +340,8 @@ def sha256_file(path: Path) -> str:
 def open_source(ref: str, key: str, *, split: str = "train", text_unit: str = "line") -> Reader:
     """A reader for one source, or one clear error (not found, unknown kind, remote URL)."""
     if ref.startswith("builtin:"):
-        return Reader(ref, key, "jsonl", resolve_builtin_data(ref, key))
+        path = resolve_builtin_data(ref, key)
+        return Reader(ref, key, SUFFIXES[path.suffix], path, text_unit=text_unit)
     if ref.startswith("hf:"):
         if ref.count("/") > 1 or not ref[3:]:
             raise DataError(f"'{ref}' is not a hub dataset id (hf:ORG/NAME)", where=key)
