@@ -61,8 +61,8 @@ def test_out_of_range_number(tmp_path):
 
 
 def test_unknown_stage(tmp_path):
-    s = strategy(tmp_path, GOOD.replace("stage: sft", "stage: ppo"))
-    fails(tmp_path, s, expect=["'stage'", "'sft'", "'ppo'"])
+    s = strategy(tmp_path, GOOD.replace("stage: sft", "stage: sfft"))
+    fails(tmp_path, s, expect=["'stage'", "one of 9 values", "'sfft'", "did you mean 'sft'"])
 
 
 def test_unknown_method(tmp_path):
@@ -153,7 +153,7 @@ def test_missing_required_key(tmp_path):
 
 
 def test_all_problems_reported_at_once(tmp_path):
-    s = strategy(tmp_path, GOOD.replace("stage: sft", "stage: ppo") + "method: {type: lora, r: 0}\n")
+    s = strategy(tmp_path, GOOD.replace("stage: sft", "stage: sfft") + "method: {type: lora, r: 0}\n")
     err = fails(tmp_path, s, expect=["2 problems", "'stage'", "'method.r'"])
     assert "s.yaml:3" in err and "s.yaml:6" in err
 

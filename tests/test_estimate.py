@@ -221,8 +221,13 @@ def test_unreadable_config_json(tmp_path):
 
 
 def test_unknown_architecture_is_named(tmp_path):
+    import shutil
+
+    from llfarm.resources import resolve_builtin_model
     write(tmp_path / "m" / "config.json", json.dumps({"model_type": "mamba", "architectures": ["MambaForCausalLM"],
                                                       "hidden_size": 64, "vocab_size": 100}))
+    for name in ("tokenizer.json", "tokenizer_config.json"):   # a real tokenizer: only the architecture is unknown
+        shutil.copy(resolve_builtin_model("builtin:tiny-llama") / name, tmp_path / "m" / name)
     fails(tmp_path, "quickstart", "--set", "model.path=./m", expect=["'mamba'", "MambaForCausalLM", "llama"])
 
 
