@@ -34,16 +34,6 @@ def cli():
     return llfarm
 
 
-def one_line_error(proc: subprocess.CompletedProcess, code: int = 2) -> str:
-    """The error line of a refused command: exit ``code``, one line on stderr, no traceback."""
-    err = proc.stderr.strip()
-    assert proc.returncode == code, f"exit {proc.returncode}: {proc.stderr}\n{proc.stdout}"
-    assert "Traceback" not in proc.stderr
-    assert len(err.splitlines()) == 1, f"not one line:\n{err}"
-    assert err.startswith("llfarm: error:")
-    return err
-
-
 def process_gone(pid: int) -> bool:
     """The process no longer runs (it does not exist, or it is a zombie waiting to be reaped)."""
     try:
@@ -89,10 +79,11 @@ def heavy_imports(argv: list[str]) -> list[str]:
     return eval(line[len("HEAVY "):])  # noqa: S307 - our own printed list
 
 
-def one_line_error(proc: subprocess.CompletedProcess, expect: list[str]) -> str:
-    """Bad input's contract: exit 2, one `llfarm: error:` line on stderr holding every piece of ``expect``."""
+def one_line_error(proc: subprocess.CompletedProcess, expect: list[str] | tuple[str, ...] = (), code: int = 2) -> str:
+    """Bad input's contract: exit ``code``, one `llfarm: error:` line on stderr holding every piece of ``expect``,
+    no traceback. Returns the line."""
     err = proc.stderr.strip()
-    assert proc.returncode == 2, f"exit {proc.returncode}: {err}\n{proc.stdout}"
+    assert proc.returncode == code, f"exit {proc.returncode}: {err}\n{proc.stdout}"
     assert "Traceback" not in err and len(err.splitlines()) == 1 and err.startswith("llfarm: error:"), err
     for piece in expect:
         assert piece in err, f"{piece!r} not in: {err}"
