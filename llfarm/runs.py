@@ -3,7 +3,9 @@
 Everything here reads files another process writes (manifest.json, metrics.jsonl, run.lock, eval.json), so it works
 the same on a run started in the foreground, with ``--detach``, on another terminal or by another user; nothing
 here imports torch. A run's status comes from :meth:`RunDir.status`: the manifest's word, except that a run whose
-manifest says ``running`` while no live process holds its lock (kill -9, a power cut) is ``crashed``.
+manifest says ``running`` while no live process holds its lock (kill -9, a power cut) is ``crashed``, and one
+whose training has ended while its `llfarm run`/`resume` process still holds it (collecting, exporting) is
+``finishing``: `monitor` waits for that process to let go.
 """
 
 from __future__ import annotations
@@ -126,6 +128,9 @@ def snapshot(run: RunDir, now: float | None = None) -> Snapshot:
         manifest = {}
     rows = tail_metrics(run.metrics_path)
     status = run.status()
+    if status in ("completed", "failed", "interrupted") and run.liveness() == "running" \
+            and run.lock_info().get("command") in ("run", "resume"):
+        status = "finishing"                  # trained; the llfarm process still collects or exports
     last = rows[-1] if rows else {}
     step = last.get("step")
     total = last.get("total_steps") or manifest.get("total_steps")
@@ -143,7 +148,7 @@ def snapshot(run: RunDir, now: float | None = None) -> Snapshot:
         learning_rate=_last(rows, "learning_rate"), tokens_per_s=_last(rows, "tokens_per_s"), memory_mb=memory,
         eta_s=eta(rows, total) if status == "running" else None, created_at=manifest.get("created_at"),
         age_s=round(now - created, 1) if created else None, eval=ev,
-        pid=run.lock_info().get("pid") if status == "running" else None)
+        pid=run.lock_info().get("pid") if status in ("running", "finishing") else None)
 
 
 def _last(rows: list[dict[str, Any]], key: str) -> Any:
@@ -230,7 +235,7 @@ def ending(run: RunDir, s: Snapshot) -> tuple[str, int]:
     fm = manifest.get("final_metrics") or {}
     if s.status == "completed":
         loss = (f"loss {fm['first_loss']:.4f} → {fm['final_loss']:.4f} over {fm.get('steps')} steps"
-                if "first_loss" in fm else f"{s.step} steps")
+                if "first_loss" in fm else f"{s.step or 0} steps")
         out = (manifest.get("paths") or {}).get("output")
         where = f"; {manifest.get('output_kind', 'output')}: {run.show(run.root / out)}" if out else ""
         return f"{s.id}: completed — {loss}{where}", 0
