@@ -142,3 +142,12 @@ def test_ambiguous_id_prefix_and_an_empty_folder(tmp_path):
     (tmp_path / "empty").mkdir()
     empty = llfarm("runs", "-o", "empty", cwd=tmp_path)
     assert empty.returncode == 0 and empty.stdout == "" and "no runs in empty" in empty.stderr
+
+
+def test_runs_and_monitor_import_no_heavy_library(tmp_path):
+    from conftest import heavy_imports
+    d = tmp_path / "runs" / "r1"
+    d.mkdir(parents=True)
+    (d / "manifest.json").write_text(json.dumps({"run_id": "r1", "status": "completed", "total_steps": 3}))
+    assert heavy_imports(["runs", "-o", str(tmp_path / "runs")]) == []
+    assert heavy_imports(["monitor", str(d)]) == []
