@@ -5,6 +5,7 @@ stderr and exit code 2; nothing half-written stays behind.
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 from pathlib import Path
@@ -227,14 +228,20 @@ def plan(strategy: str, backend: str | None, overrides: tuple[str, ...], out: Pa
               help="Folder that holds run directories.")
 @click.option("--run-id", help="Name of the run directory (default: <timestamp>-<strategy name>).")
 @click.option("--verbose", "-v", is_flag=True, help="Stream the backend's own output instead of a progress bar.")
+@click.option("--detach", "-d", is_flag=True,
+              help="Check and create the run, start training in the background, print the run and return; "
+                   "follow it with `llfarm monitor ID` (its own output: RUN/logs/llfarm.log).")
 def run(strategy: str, backend: str | None, overrides: tuple[str, ...], output: Path, run_id: str | None,
-        verbose: bool) -> None:
+        verbose: bool, detach: bool) -> None:
     """Train: compile for the backend, run it, normalize the run directory. Prints the run dir last."""
     from .runner import create_run, prepare_run
     from .strategy import resolve
     res = resolve(strategy, overrides)
     prep = prepare_run(res, backend)
     ctx, native = create_run(prep, output, run_id)
+    if detach:
+        _start_detached(ctx.run, native.total_steps)
+        return
     with ctx.run.lock("run") as lock:
         click.echo(f"run: {ctx.run} (backend {prep.backend.name}, stage {res.strategy.stage}, "
                    f"{native.total_steps} steps)", err=True)
@@ -268,6 +275,57 @@ def _execute_and_finish(ctx, native, backend, verbose: bool, lock) -> None:
     click.echo(str(run))
 
 
+def _start_detached(run, total_steps: int) -> None:
+    """Start `llfarm _detached RUN` in a session of its own (a closed terminal does not stop it) and return once it
+    holds the run's lock — or report its error if it ended before that."""
+    import os
+    import subprocess
+    import time
+
+    from .errors import TrainingFailed
+    from .lifeline import ENV
+    from .runner import tail
+    log_path = run.logs / "llfarm.log"
+    env = {k: v for k, v in os.environ.items() if k != ENV}   # not tied to this process: it is meant to outlive it
+    with open(log_path, "ab") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "llfarm", "_detached", str(run.root)], stdin=subprocess.DEVNULL,
+                                stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    while run.lock_info().get("pid") != proc.pid:
+        code = proc.poll()
+        if code is not None:
+            if run.lock_info().get("pid") == proc.pid or run.read_manifest().get("status") == "completed":
+                break
+            click.echo(tail(log_path), err=True)
+            raise TrainingFailed(f"the background run ended before training began (exit code {code})",
+                                 where=str(run), hint=f"full log: {run.show(log_path)}")
+        time.sleep(0.1)
+    click.echo(f"started {run} in the background (pid {proc.pid}, {total_steps} steps); follow it with: "
+               f"llfarm monitor {run}", err=True)
+    click.echo(str(run))
+
+
+@cli.command("_detached", hidden=True)
+@click.argument("run_dir", type=click.Path(path_type=Path))
+def detached(run_dir: Path) -> None:
+    """The background half of `llfarm run --detach`: train the run `run --detach` created and checked."""
+    from .resume import reopen
+    from .rundir import RunDir
+    from .runner import compile_into
+    run = RunDir(run_dir)
+    with run.lock("run") as lock:
+        try:
+            prep, notes = reopen(run)
+            ctx, native = compile_into(prep, run)
+        except LlfarmError as exc:            # the run must not stay "created" for ever: say why it never started
+            run.update_manifest(status="failed", error=exc.render())
+            raise
+        for note in notes:
+            click.echo(f"note: {note}", err=True)
+        click.echo(f"run: {run} (backend {prep.backend.name}, stage {prep.resolved.strategy.stage}, "
+                   f"{native.total_steps} steps, pid {os.getpid()})", err=True)
+        _execute_and_finish(ctx, native, prep.backend, False, lock)
+
+
 def _interrupted(run, code: int) -> None:
     click.echo(f"interrupted; resume with: llfarm resume {run}", err=True)
     click.echo(str(run))
@@ -290,6 +348,90 @@ def resume(run_dir: Path, max_steps: int | None, verbose: bool) -> None:
         for note in resumed.notes:
             click.echo(f"note: {note}", err=True)
         _execute_and_finish(resumed.ctx, resumed.native, resumed.backend, verbose, lock)
+
+
+@cli.command("runs")
+@click.option("--output", "-o", type=click.Path(path_type=Path), default=Path("runs"), show_default=True,
+              help="Folder that holds run directories.")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON list (one object per run).")
+def runs_(output: Path, as_json: bool) -> None:
+    """List runs: id, strategy, backend, stage, status (a run whose process died shows as crashed), step/total,
+    final loss, eval loss, age."""
+    import json
+
+    from .runs import list_runs, table
+    snaps = list_runs(output)
+    if as_json:
+        click.echo(json.dumps([s.as_dict() for s in snaps], indent=2))
+    elif not snaps:
+        click.echo(f"no runs in {output}", err=True)
+    else:
+        for line in table(snaps):
+            click.echo(line)
+
+
+@cli.command()
+@click.argument("run_ref", metavar="RUN|ID")
+@click.option("--output", "-o", type=click.Path(path_type=Path), default=Path("runs"), show_default=True,
+              help="Where to look up a run id.")
+@click.option("--interval", type=click.FloatRange(0.1), default=1.0, show_default=True, help="Seconds between looks.")
+def monitor(run_ref: str, output: Path, interval: float) -> None:
+    """Follow a run from any terminal — started here, elsewhere or with --detach: progress, loss, eval loss,
+    learning rate, tokens/s, memory, ETA. Ends with the run and says how it ended (exit 0 only if it completed).
+    Ctrl-C stops watching, not the run."""
+    from .runs import ENDED, ending, find_run, snapshot
+    run = find_run(run_ref, output)
+    try:
+        snap = _watch(run, interval, snapshot, ENDED)
+    except KeyboardInterrupt:
+        snap = snapshot(run)
+        if snap.status not in ENDED:
+            click.echo(f"stopped watching; {snap.id} goes on{f' (pid {snap.pid})' if snap.pid else ''}", err=True)
+            sys.exit(130)
+        raise
+    line, code = ending(run, snap)
+    click.echo(line)
+    sys.exit(code)
+
+
+def _watch(run, interval: float, snapshot, ended):
+    """Poll the run until it ends: a rich progress bar on a terminal, else one line per logged step."""
+    import time
+
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from .runs import progress_line
+    snap = snapshot(run)
+    console = Console(stderr=False)
+    head = f"{snap.id} · {snap.backend or '?'} · {snap.stage or '?'}"
+    if snap.status in ended:
+        return snap
+    if not console.is_terminal:
+        click.echo(f"monitoring {head} (status {snap.status})")
+        last = None
+        while snap.status not in ended:
+            key = (snap.step, snap.eval_loss)
+            if snap.step is not None and key != last:
+                click.echo(progress_line(snap))
+                last = key
+            time.sleep(interval)
+            snap = snapshot(run)
+        if snap.step is not None and (snap.step, snap.eval_loss) != last:
+            click.echo(progress_line(snap))
+        return snap
+    progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                        TextColumn("{task.fields[info]}"), TimeElapsedColumn(), console=console)
+    with progress:
+        task = progress.add_task(head, total=snap.total_steps, info=snap.status or "")
+        while True:
+            # the line's figures without its "step N/M" (the bar shows that)
+            info = progress_line(snap).partition("  ")[2] if snap.step is not None else (snap.status or "")
+            progress.update(task, completed=snap.step or 0, total=snap.total_steps, info=info)
+            if snap.status in ended:
+                return snap
+            time.sleep(interval)
+            snap = snapshot(run)
 
 
 # ---------------------------------------------------------------- using a run

@@ -26,9 +26,7 @@ class Resumed:
 def resume_run(run: RunDir | Path, max_steps: int | None = None) -> Resumed:
     import shutil
 
-    from .redact import MASK, is_secret_name
-    from .runner import compile_into, prepare_run
-    from .strategy import resolve
+    from .runner import compile_into
 
     run = run if isinstance(run, RunDir) else RunDir(Path(run))
     manifest = run.read_manifest()
@@ -45,17 +43,9 @@ def resume_run(run: RunDir | Path, max_steps: int | None = None) -> Resumed:
     if max_steps is not None and max_steps <= step:
         raise RunError(f"--max-steps {max_steps} is not beyond {ckpt.name} (step {step})",
                        hint=f"give a total step count above {step}")
-    notes = []
     # The caller holds the lock, so a manifest that says running belongs to a process that died (kill -9, a crash).
     crashed = manifest.get("status") in ("running", "crashed")
-    overrides = [f"training.max_steps={max_steps}"] if max_steps else []
-    res = resolve(run.strategy_path, overrides)
-    for bname, options in res.strategy.backend_options.items():   # secrets were never written: not in strategy.yaml
-        for key in [k for k, v in options.items() if is_secret_name(k) and v == MASK]:
-            del options[key]
-            notes.append(f"backend_options.{bname}.{key} was not saved with the run (a secret); set it through "
-                         "the environment (HF_TOKEN, ...) if the resumed run needs it")
-    prep = prepare_run(res, manifest["backend"])
+    prep, notes = reopen(run, [f"training.max_steps={max_steps}"] if max_steps else [])
     prep.backend.check_resume(prep.resolved.strategy)
     for partial, why in choice.skipped:
         shutil.rmtree(partial, ignore_errors=True)
@@ -67,6 +57,23 @@ def resume_run(run: RunDir | Path, max_steps: int | None = None) -> Resumed:
     ctx, native = compile_into(prep, run, resume_from=ckpt)
     run.update_manifest(resumed_from=str(ckpt.relative_to(run.root)), total_steps=native.total_steps)
     return Resumed(ctx, native, prep.backend, notes)
+
+
+def reopen(run: RunDir, overrides: list[str] | None = None) -> tuple[Any, list[str]]:
+    """The run's saved strategy (strategy.yaml, every --set already in it) prepared again for the backend it was
+    made with: what `resume` and a `run --detach` background process train from. Returns (Prepared, notes)."""
+    from .redact import MASK, is_secret_name
+    from .runner import prepare_run
+    from .strategy import resolve
+
+    notes = []
+    res = resolve(run.strategy_path, overrides or [])
+    for bname, options in res.strategy.backend_options.items():   # secrets were never written: not in strategy.yaml
+        for key in [k for k, v in options.items() if is_secret_name(k) and v == MASK]:
+            del options[key]
+            notes.append(f"backend_options.{bname}.{key} was not saved with the run (a secret); set it through "
+                         "the environment (HF_TOKEN, ...) if the resumed run needs it")
+    return prepare_run(res, run.read_manifest()["backend"]), notes
 
 
 def drop_metrics_after(run: RunDir, step: int) -> None:
