@@ -162,14 +162,15 @@ def backoff(ctx, plan, say) -> bool:
     step = info.get("step")
     done = run.read_manifest().get("oom_backoffs") or []
     nxt = smaller(tr.batch_size, tr.grad_accum)
-    where = f"training ran out of memory at step {step} with training.batch_size={tr.batch_size}"
+    asked = done[0]["was"]["batch_size"] if done else tr.batch_size
+    spent = f", after {len(done)} back-off{'s' if len(done) != 1 else ''}" if done else ""
     if nxt is None:
-        raise TrainingFailed(f"{where}, the smallest batch there is", where=str(run),
-                             hint=f"{HINT}; then `llfarm resume {run}`")
+        raise TrainingFailed(f"training ran out of memory at step {step} with batch size 1, the smallest "
+                             f"(training.batch_size={asked}{spent})", where=str(run), hint=f"in a new run, {HINT}")
     if len(done) >= tr.oom_retries:
-        spent = f"after {len(done)} back-off{'s' if len(done) != 1 else ''} " if done else ""
-        raise TrainingFailed(f"{where} {spent}(training.oom_retries={tr.oom_retries})", where=str(run),
-                             hint=f"raise training.oom_retries or lower training.batch_size, or {HINT}")
+        raise TrainingFailed(f"training ran out of memory at step {step} with batch size {tr.batch_size} and no "
+                             f"back-off left (training.oom_retries={tr.oom_retries}{spent})", where=str(run),
+                             hint=f"in a new run, raise training.oom_retries or lower training.batch_size, or {HINT}")
     batch, accum = nxt
     choice = run.resumable_checkpoint().checkpoint
     entry = {"step": step, "batch_size": batch, "grad_accum": accum,
