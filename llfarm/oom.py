@@ -87,19 +87,22 @@ def inject_fault(native: Path, step: int, batch_size: int) -> None:
                                  f"{FAULT_ENV}={spec}, per-device batch {batch_size})")
 
 
+# What accelerate's should_reduce_batch_size (accelerate.utils.memory) recognises in a RuntimeError's message.
+OOM_MESSAGES = (" out of memory.", "cuDNN error: CUDNN_STATUS_NOT_SUPPORTED.",
+                "DefaultCPUAllocator: can't allocate memory", "FATAL ERROR :: MODULE:PT_DEVMEM Allocation failed")
+
+
 def is_oom(exc: BaseException | None) -> bool:
-    """An out-of-memory error, or one raised while handling one."""
+    """An out-of-memory error (torch.OutOfMemoryError, or a RuntimeError saying so), or one raised while handling
+    one."""
     seen = set()
     while exc is not None and id(exc) not in seen:
         seen.add(id(exc))
         if type(exc).__name__ == "OutOfMemoryError":
             return True
-        try:
-            from accelerate.utils.memory import should_reduce_batch_size
-            if isinstance(exc, Exception) and should_reduce_batch_size(exc):
-                return True
-        except ImportError:
-            pass
+        if isinstance(exc, RuntimeError) and len(exc.args) == 1 and isinstance(exc.args[0], str) \
+                and any(m in exc.args[0] for m in OOM_MESSAGES):
+            return True
         exc = exc.__cause__ or exc.__context__
     return False
 
@@ -133,6 +136,11 @@ def smaller(batch_size: int, grad_accum: int) -> tuple[int, int] | None:
         return None
     new = next(d for d in range(batch_size // 2, 0, -1) if batch_size % d == 0)
     return new, grad_accum * (batch_size // new)
+
+
+def clear(run) -> None:
+    """Before a run's first attempt: no marker from an earlier process may be taken for this one's."""
+    (run.native / MARKER).unlink(missing_ok=True)
 
 
 def take_marker(run) -> dict[str, Any] | None:

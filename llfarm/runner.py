@@ -212,7 +212,7 @@ def execute(ctx: CompileContext, plan: NativePlan, *, verbose: bool = False, loc
     When the process ran out of memory during training, the run backs off (llfarm.oom: a smaller per-device batch,
     the same effective batch, from the newest complete checkpoint) and goes on: ``ctx`` and ``plan`` are updated in
     place to the attempt that ran last. TrainingFailed when no back-off is left."""
-    from .oom import backoff
+    from .oom import backoff, clear
 
     def say(line: str) -> None:               # on stderr and in the log
         print(f"llfarm: {line}", file=sys.stderr, flush=True)
@@ -220,6 +220,7 @@ def execute(ctx: CompileContext, plan: NativePlan, *, verbose: bool = False, loc
             log.write(f"llfarm: {line}\n")
 
     started = time.time()
+    clear(ctx.run)
     while True:
         code = execute_once(ctx, plan, verbose=verbose, lock=lock)
         if code == 0 or ctx.run.read_manifest().get("status") == "interrupted":
