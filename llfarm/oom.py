@@ -1,6 +1,6 @@
 """Out-of-memory back-off: a run whose training step runs out of memory continues with a smaller batch.
 
-In the training process (llfarm's trainer child for pytorch and Unsloth, LlamaFactory's entry), :func:`watch` is a
+In every training process llfarm starts (its shared trainer child, and a backend's own entry), :func:`watch` is a
 TrainerCallback that notes the step in progress and the batch it trains with. When training ends with an
 out-of-memory error (``torch.OutOfMemoryError``, or what accelerate's ``should_reduce_batch_size`` recognises: CUDA,
 ROCm, XPU and CPU allocator failures), :func:`report` writes ``native/oom.json`` (step, batch, grad_accum, the error),

@@ -4,8 +4,8 @@ The strategy keys (``training.early_stopping``, ``training.keep_best``) become T
 layer (``llfarm.training.best_arguments``: ``metric_for_best_model``, ``greater_is_better``,
 ``load_best_model_at_end``, and save_steps = eval_steps for keep_best). In the training process:
 
-- early stopping is transformers' ``EarlyStoppingCallback`` (patience, threshold) — added by llfarm's trainer child
-  (pytorch, Unsloth), and by LlamaFactory itself from its ``early_stopping_steps`` key;
+- early stopping is transformers' ``EarlyStoppingCallback`` (patience, threshold) — added by llfarm's shared trainer
+  child, or by a backend's own trainer from its native key;
 - keep_best is transformers' ``load_best_model_at_end``: the Trainer loads the best checkpoint's weights when
   training ends, and the backend saves those as adapter/ or model/;
 - :func:`outcome_callback` writes ``native/outcome.json`` when training ends: the step it ended at, whether early
@@ -39,7 +39,8 @@ def early_stopping_callback(kwargs: dict[str, Any] | None):
 
 def outcome_callback(path: str | Path, callbacks: list[Any]):
     """A TrainerCallback that writes ``path`` when training ends. ``callbacks`` is the list the trainer was given
-    (LlamaFactory appends its own EarlyStoppingCallback to it): early stopping is read from the callback in it."""
+    (a backend that adds its own EarlyStoppingCallback appends it there): early stopping is read from the callback
+    in it."""
     from transformers import EarlyStoppingCallback, TrainerCallback
 
     class Outcome(TrainerCallback):
