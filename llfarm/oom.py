@@ -62,6 +62,9 @@ def watch(native: str | Path):
             self.step = state.global_step + 1
             inject_fault(self.native, self.step, args.per_device_train_batch_size)
 
+        def on_step_end(self, args, state, control, **kw):    # (loops that call no on_step_begin: TRL's PPO)
+            self.step = state.global_step + 1
+
     global _WATCH
     _WATCH = OOMWatch()
     return _WATCH
@@ -192,6 +195,9 @@ def backoff(ctx, plan, say) -> bool:
     start = f"from {entry['from_checkpoint']}" if entry["from_checkpoint"] else "from the beginning"
     say(f"out of memory at step {step} with batch_size {tr.batch_size} × grad_accum {tr.grad_accum}: backing off "
         f"to batch_size {batch} × grad_accum {accum} (back-off {len(done) + 1} of {tr.oom_retries}), {start}")
+    for note in resumed.notes:
+        if not note.startswith(("training with batch_size", "starting from the beginning")):   # said above
+            say(f"note: {note}")
     for f in fields(ctx):
         setattr(ctx, f.name, getattr(resumed.ctx, f.name))
     for f in fields(plan):
