@@ -325,3 +325,16 @@ def test_llamafactory_refusals():
     with pytest.raises(Exception, match="comes from the strategy field training.early_stopping"):
         validate({"name": "t", "data": {"train": "builtin:alpaca"},
                   "backend_options": {"llamafactory": {"early_stopping_steps": 3}}})
+
+
+def test_import_from_llamafactory_reads_early_stopping_back(tmp_path):
+    from llfarm.backends.llamafactory.importer import IMPORTER
+    out = IMPORTER.convert({"early_stopping_steps": 3, "load_best_model_at_end": True,
+                            "metric_for_best_model": "eval_loss", "greater_is_better": False,
+                            "restore_callback_states_from_checkpoint": True}, tmp_path)
+    t = out.strategy["training"]
+    assert (t["early_stopping"], t["keep_best"]) == ({"patience": 3}, True) and not out.not_mapped
+    out = IMPORTER.convert({"early_stopping_steps": 2, "metric_for_best_model": "accuracy"}, tmp_path)
+    assert out.strategy["training"]["early_stopping"] == {"patience": 2, "metric": "eval_accuracy"}
+    out = IMPORTER.convert({"early_stopping_steps": 2, "metric_for_best_model": "eval_bleu"}, tmp_path)
+    assert "metric_for_best_model" in out.not_mapped
