@@ -339,6 +339,10 @@ def strategy_keys() -> set[str]:
 
 
 def _origin(key: str, sources: dict[str, str]) -> str | None:
+    if key not in sources:          # a section given in parts (--set training.early_stopping.patience=3)
+        inside = [v for k, v in sources.items() if k.startswith(key + ".")]
+        if inside:
+            return inside[-1]
     while key:
         if key in sources:
             return sources[key]
