@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import RunError
+from .errors import RunError, UnsupportedError
 from .rundir import RunDir, checkpoint_step
 
 
@@ -23,7 +23,9 @@ class Resumed:
     notes: list[str] = field(default_factory=list)   # what the user should know (one line each)
 
 
-def resume_run(run: RunDir | Path, max_steps: int | None = None) -> Resumed:
+def resume_run(run: RunDir | Path, max_steps: int | None = None, *, from_start: bool = False) -> Resumed:
+    """``from_start``: when there is no complete checkpoint (or the backend cannot resume this stage), start the
+    run over in place instead of refusing (the out-of-memory back-off, llfarm.oom)."""
     import shutil
 
     from .runner import compile_into
@@ -35,27 +37,47 @@ def resume_run(run: RunDir | Path, max_steps: int | None = None) -> Resumed:
                        hint="give the total number of steps to train to, e.g. --max-steps 100")
     choice = run.resumable_checkpoint()
     ckpt = choice.checkpoint
-    if ckpt is None:
+    if ckpt is None and not from_start:
         passed = f" ({choice.describe().split('(', 1)[1]}" if choice.skipped else ""
         raise RunError(f"no complete checkpoint to resume from{passed}", where=run.show(run.checkpoints),
                        hint="checkpoints are written every training.save_every steps; start a new run instead")
-    step = checkpoint_step(ckpt)
+    step = checkpoint_step(ckpt) if ckpt is not None else 0
     if max_steps is not None and max_steps <= step:
         raise RunError(f"--max-steps {max_steps} is not beyond {ckpt.name} (step {step})",
                        hint=f"give a total step count above {step}")
     # The caller holds the lock, so a manifest that says running belongs to a process that died (kill -9, a crash).
     crashed = manifest.get("status") in ("running", "crashed")
-    prep, notes = reopen(run, [f"training.max_steps={max_steps}"] if max_steps else [])
-    prep.backend.check_resume(prep.resolved.strategy)
+    overrides = [f"training.max_steps={max_steps}"] if max_steps else []
+    backoff_notes = []
+    backoffs = manifest.get("oom_backoffs") or []
+    if backoffs:      # the batch an out-of-memory back-off settled on stays (strategy.yaml keeps what was asked)
+        last = backoffs[-1]
+        overrides += [f"training.batch_size={last['batch_size']}", f"training.grad_accum={last['grad_accum']}"]
+        backoff_notes.append(f"training with batch_size {last['batch_size']} × grad_accum {last['grad_accum']} "
+                             f"(the out-of-memory back-off at step {last['step']})")
+    prep, notes = reopen(run, overrides)
+    notes = backoff_notes + notes
+    try:
+        prep.backend.check_resume(prep.resolved.strategy)
+    except UnsupportedError:
+        if not from_start:
+            raise
+        ckpt, step = None, 0
     for partial, why in choice.skipped:
         shutil.rmtree(partial, ignore_errors=True)
         notes.append(f"removed {partial.name}: {why}")
+    if ckpt is None:                 # starting over: the earlier attempt's checkpoints are not this run's any more
+        from .checkpoints import checkpoints_in
+        for old in checkpoints_in(run.checkpoints):
+            shutil.rmtree(old, ignore_errors=True)
+        notes.append("starting from the beginning (no complete checkpoint to continue from)")
     if crashed:
         run.update_manifest(status="crashed")
         notes.append("the llfarm process that ran it had died without finishing (status: crashed)")
     drop_metrics_after(run, step)
     ctx, native = compile_into(prep, run, resume_from=ckpt)
-    run.update_manifest(resumed_from=str(ckpt.relative_to(run.root)), total_steps=native.total_steps)
+    run.update_manifest(resumed_from=str(ckpt.relative_to(run.root)) if ckpt is not None else None,
+                        total_steps=native.total_steps)
     return Resumed(ctx, native, prep.backend, notes)
 
 

@@ -207,7 +207,40 @@ def child_env(plan: NativePlan, extra: dict[str, str] | None = None) -> dict[str
 
 def execute(ctx: CompileContext, plan: NativePlan, *, verbose: bool = False, lock: RunLock | None = None) -> int:
     """Run the backend process; returns its exit code. Ctrl-C is forwarded; the status says what happened.
-    ``lock`` (the run's, held by the caller) records the child's pid for observers."""
+    ``lock`` (the run's, held by the caller) records the child's pid for observers.
+
+    When the process ran out of memory during training, the run backs off (llfarm.oom: a smaller per-device batch,
+    the same effective batch, from the newest complete checkpoint) and goes on: ``ctx`` and ``plan`` are updated in
+    place to the attempt that ran last. TrainingFailed when no back-off is left."""
+    from .oom import backoff, clear
+
+    def say(line: str) -> None:               # on stderr and in the log
+        print(f"llfarm: {line}", file=sys.stderr, flush=True)
+        with open(ctx.run.logs / "train.log", "a", encoding="utf-8") as log:
+            log.write(f"llfarm: {line}\n")
+
+    started = time.time()
+    clear(ctx.run)
+    while True:
+        code = execute_once(ctx, plan, verbose=verbose, lock=lock)
+        if code == 0 or ctx.run.read_manifest().get("status") == "interrupted":
+            break
+        try:
+            if not backoff(ctx, plan, say):
+                break
+        except KeyboardInterrupt as exc:      # Ctrl-C while the back-off prepares the next attempt
+            signum = getattr(exc, "signum", signal.SIGINT)
+            mark_interrupted(ctx.run, signal=signal.Signals(signum).name)
+            return 128 + signum
+    if ctx.run.read_manifest().get("oom_backoffs"):     # train_s: every attempt, not only the last
+        m = ctx.run.read_manifest()
+        ctx.run.update_manifest(timings=dict(m.get("timings", {}), train_s=round(time.time() - started, 2)))
+    return code
+
+
+def execute_once(ctx: CompileContext, plan: NativePlan, *, verbose: bool = False,
+                 lock: RunLock | None = None) -> int:
+    """One training process: run it, tee its log, draw progress; returns its exit code."""
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -330,6 +363,7 @@ def tail(path: Path, n: int = 15) -> str:
 def finish(ctx: CompileContext, backend: Backend) -> RunResult:
     """Normalize outputs, draw loss.png, record final metrics and mark the run completed."""
     from .metrics import memory_peaks, plot_loss
+    from .stopping import manifest_fields
 
     run = ctx.run
     result = backend.collect(ctx)
@@ -338,6 +372,7 @@ def finish(ctx: CompileContext, backend: Backend) -> RunResult:
     final = summarize(rows)
     final.update(result.final_metrics)
     run.update_manifest(status="completed", ended_at=now_iso(), final_metrics=final, memory=memory_peaks(rows),
+                        **manifest_fields(run.native, ctx.strategy),
                         output_kind=result.output_kind,
                         paths={**run.read_manifest().get("paths", {}),
                                "output": str(result.output_dir.relative_to(run.root)), "loss_plot": "loss.png"})

@@ -110,6 +110,26 @@ class DataSpec(Section):
         return [SourceSpec(path=i) if isinstance(i, str) else i for i in items]
 
 
+# Metrics early stopping and keep_best can follow (llfarm's metrics.jsonl names), with the stages whose evaluation
+# reports them on every backend, and whether higher is better.
+STOP_METRICS: dict[str, tuple[frozenset[str], bool]] = {
+    "eval_loss": (frozenset({"sft", "pt", "dpo", "orpo", "simpo", "kto", "rm"}), False),
+    "eval_accuracy": (frozenset({"rm"}), True),
+    "eval_reward_accuracy": (frozenset({"dpo", "orpo", "simpo"}), True),
+    "eval_reward_margin": (frozenset({"dpo", "orpo", "simpo"}), True),
+}
+
+
+class EarlyStoppingSpec(Section):
+    patience: int = Field(..., ge=1, le=100_000, description="Stop after this many evaluations in a row that do not "
+                                                             "improve on the best one.")
+    threshold: float = Field(0.0, ge=0.0, le=1e6, description="An evaluation improves only when it beats the best by "
+                                                              "more than this (absolute).")
+    metric: Literal[tuple(STOP_METRICS)] = Field(  # type: ignore[valid-type]
+        "eval_loss", description="What is compared: eval_loss (lower is better); eval_accuracy (rm), "
+                                 "eval_reward_accuracy, eval_reward_margin (dpo, orpo, simpo; higher is better).")
+
+
 class TrainingSpec(Section):
     epochs: float = Field(3.0, gt=0, le=10_000, description="Passes over the training data.")
     max_steps: int | None = Field(None, ge=1, description="Stop after this many optimizer steps (overrides epochs).")
@@ -143,6 +163,16 @@ class TrainingSpec(Section):
     save_every: int | None = Field(50, ge=1, description="Checkpoint every N steps (null: only at the end).")
     keep_checkpoints: int = Field(2, ge=1, description="How many checkpoints to keep.")
     eval_every: int | None = Field(None, ge=1, description="Evaluate every N steps (needs eval data).")
+    early_stopping: EarlyStoppingSpec | None = Field(
+        None, description="Stop when the eval metric has not improved for `patience` evaluations: {patience, "
+                          "threshold: 0.0, metric: eval_loss}. Needs eval data and eval_every.")
+    keep_best: bool = Field(False, description="The run's output (adapter/ or model/) is the best evaluation's "
+                                               "checkpoint, by early_stopping.metric (else eval_loss), not the last "
+                                               "step; a checkpoint is saved at every evaluation. Needs eval data.")
+    oom_retries: int = Field(2, ge=0, le=16, description="On an out-of-memory error during training: back off this "
+                                                         "many times (halve batch_size, grow grad_accum to keep the "
+                                                         "effective batch, continue from the newest complete "
+                                                         "checkpoint); 0 fails at once.")
 
 
 class TrackingSpec(Section):
@@ -260,9 +290,38 @@ class Strategy(Section):
         for key, stages in (("reward_model", ("ppo",)), ("rewards", ("grpo",))):
             if getattr(p, key) and self.stage not in stages:
                 raise combination(f"preference.{key}", f"is for stage {' or '.join(stages)}, not '{self.stage}'")
+        self._check_best_and_stopping()
         if p.unpair and self.stage != "kto":
             raise combination("preference.unpair", f"turns pairs into KTO data; stage is '{self.stage}'")
         return self
+
+    def _check_best_and_stopping(self) -> None:
+        t, d = self.training, self.data
+        stop = t.early_stopping
+        for key, on in (("training.early_stopping", stop is not None), ("training.keep_best", t.keep_best)):
+            if not on:
+                continue
+            if self.stage in ("ppo", "grpo"):
+                raise combination(key, f"follows an evaluation metric; stage '{self.stage}' evaluates by sampling "
+                                       "with rewards, which llfarm does not compare (remove it)")
+            if d.eval is None and d.eval_split == 0:
+                raise combination(key, "needs evaluation data: set data.eval (a file) or data.eval_split "
+                                       "(e.g. 0.1)")
+        if stop is not None:
+            if t.eval_every is None:
+                raise combination("training.early_stopping", "counts patience in evaluations: set "
+                                                             "training.eval_every (e.g. 10)")
+            stages, _ = STOP_METRICS[stop.metric]
+            if self.stage not in stages:
+                raise combination("training.early_stopping.metric",
+                                  f"is '{stop.metric}', which stage '{self.stage}' does not report when it "
+                                  f"evaluates (it is for stage {', '.join(sorted(stages))}; eval_loss works for "
+                                  "every stage)")
+
+    @property
+    def stop_metric(self) -> str:
+        """The metric early stopping and keep_best follow."""
+        return self.training.early_stopping.metric if self.training.early_stopping else "eval_loss"
 
     @property
     def is_peft(self) -> bool:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import re
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -218,7 +219,8 @@ def _model_at(loc: tuple[Any, ...], root: type[BaseModel]) -> type[BaseModel] | 
         if model is None or part not in model.model_fields:
             return None
         ann = model.model_fields[part].annotation
-        model = ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
+        models = [a for a in (typing.get_args(ann) or (ann,)) if isinstance(a, type) and issubclass(a, BaseModel)]
+        model = models[0] if len(models) == 1 else None     # a section, or an optional one (X | None)
     return model
 
 
@@ -337,6 +339,10 @@ def strategy_keys() -> set[str]:
 
 
 def _origin(key: str, sources: dict[str, str]) -> str | None:
+    if key not in sources:          # a section given in parts (--set training.early_stopping.patience=3)
+        inside = [v for k, v in sources.items() if k.startswith(key + ".")]
+        if inside:
+            return inside[-1]
     while key:
         if key in sources:
             return sources[key]

@@ -33,9 +33,11 @@ def run(spec: dict[str, Any], load: Loader | None = None, *, extra_final: dict[s
 
     from transformers import set_seed
 
+    from . import oom
     from .checkpoints import completeness_callback, instrument_saves
     from .compat import ensure_warnings_issued, fix_trl_availability_flags
     from .metrics import trainer_callback
+    from .stopping import early_stopping_callback, outcome_callback, outcome_path
     from .templates import load_template
 
     instrument_saves()                  # a failed save names its file and disk (+ tests' fault injection)
@@ -49,12 +51,23 @@ def run(spec: dict[str, Any], load: Loader | None = None, *, extra_final: dict[s
         freeze_all_but_last(model, spec["freeze"]["trainable_layers"])
     train = tokenized(spec, "train", template, tokenizer)
     evals = tokenized(spec, "eval", template, tokenizer) if spec["data"]["eval"] else None
-    trainer = build_trainer(spec, model, tokenizer, train, evals, peft_config,
-                            [trainer_callback(spec["outputs"]["metrics"]), completeness_callback()])
+    native = Path(spec["outputs"]["final_metrics"]).parent
+    callbacks = [trainer_callback(spec["outputs"]["metrics"]), completeness_callback(), oom.watch(native)]
+    stopper = early_stopping_callback(spec.get("early_stopping"))
+    if stopper is not None:
+        callbacks.append(stopper)
+    callbacks.append(outcome_callback(outcome_path(spec["outputs"]["final_metrics"]), callbacks))
+    trainer = build_trainer(spec, model, tokenizer, train, evals, peft_config, callbacks)
     if spec.get("loraplus_lr_ratio"):
         trainer.optimizer = loraplus_optimizer(trainer, spec["loraplus_lr_ratio"])
-    # TRL's PPOTrainer.train takes no checkpoint (its backend refuses to resume a ppo run)
-    result = trainer.train() if spec["stage"] == "ppo" else trainer.train(resume_from_checkpoint=spec["resume_from"])
+    try:
+        # TRL's PPOTrainer.train takes no checkpoint (its backend refuses to resume a ppo run)
+        result = trainer.train() if spec["stage"] == "ppo" else \
+            trainer.train(resume_from_checkpoint=spec["resume_from"])
+    except Exception as exc:
+        if oom.report(exc):              # the runner backs off (llfarm.oom): a smaller batch, from a checkpoint
+            return oom.EXIT_CODE
+        raise
     save(spec, trainer, tokenizer)
     final = {"global_step": trainer.state.global_step,
              "train_runtime": (getattr(result, "metrics", None) or {}).get("train_runtime"),

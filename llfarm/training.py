@@ -52,6 +52,10 @@ HF_SOURCES = {
     "train_sampling_strategy": "training.group_by_length", "dataloader_num_workers": "training.dataloader_workers",
     "neftune_noise_alpha": "training.neftune_alpha", "report_to": "tracking.report_to",
     "run_name": "tracking.run_name", "total_episodes": "training.max_steps / epochs (PPO)",
+    "metric_for_best_model": "training.early_stopping (its metric) or training.keep_best",
+    "greater_is_better": "training.early_stopping (its metric) or training.keep_best",
+    "load_best_model_at_end": "training.keep_best",
+    "restore_callback_states_from_checkpoint": "training.early_stopping (resume keeps its patience count)",
 }
 # TrainingArguments llfarm sets to its own defaults; a backend's raw options may override them.
 HF_DEFAULTS: dict[str, Any] = {
@@ -141,6 +145,38 @@ def eval_steps(s: Strategy, steps: int) -> int:
     return s.training.eval_every or max(1, steps // 5)
 
 
+# llfarm's metric names (metrics.jsonl) → the names the trainers' evaluation reports them under
+NATIVE_METRICS = {"eval_loss": "eval_loss", "eval_accuracy": "eval_accuracy",
+                  "eval_reward_accuracy": "eval_rewards/accuracies", "eval_reward_margin": "eval_rewards/margins"}
+
+
+def best_arguments(s: Strategy, has_eval: bool, every: int | None) -> dict[str, Any]:
+    """TrainingArguments for early stopping and keep_best (both need evaluation; the schema makes sure there is
+    eval data). The rule for checkpoints: keep_best saves one at every evaluation (save_steps = eval_steps, whatever
+    training.save_every says), so the best evaluation's weights are on disk — transformers' load_best_model_at_end
+    needs save_steps to be a multiple of eval_steps, and only a checkpoint saved at the best evaluation holds its
+    weights. Early stopping alone needs no checkpoints: transformers tracks the best metric at each evaluation."""
+    from .schema import STOP_METRICS
+    tr = s.training
+    if not has_eval or not (tr.early_stopping or tr.keep_best):
+        return {}
+    args: dict[str, Any] = {"metric_for_best_model": NATIVE_METRICS[s.stop_metric],
+                            "greater_is_better": STOP_METRICS[s.stop_metric][1]}
+    if tr.keep_best:
+        args.update(load_best_model_at_end=True, save_steps=every)
+    if tr.early_stopping:
+        args["restore_callback_states_from_checkpoint"] = True
+    return args
+
+
+def early_stopping_arguments(s: Strategy) -> dict[str, Any] | None:
+    """transformers.EarlyStoppingCallback kwargs (None: no early stopping)."""
+    stop = s.training.early_stopping
+    if stop is None:
+        return None
+    return {"early_stopping_patience": stop.patience, "early_stopping_threshold": stop.threshold}
+
+
 def model_dtype(s: Strategy, precision: str) -> str:
     """The torch dtype the weights load in: model.dtype, or (auto) the one training.precision computes in."""
     return s.model.dtype if s.model.dtype != "auto" else DTYPES[precision]
@@ -169,6 +205,7 @@ def training_arguments(ctx: CompileContext, steps: int) -> dict[str, Any]:
         "report_to": list(s.tracking.report_to) or "none",
         **HF_DEFAULTS,
     }
+    args.update(best_arguments(s, has_eval, args["eval_steps"]))
     if tr.tf32 is not None:
         args["tf32"] = tr.tf32
     if tr.neftune_alpha is not None:
@@ -330,6 +367,7 @@ def trainer_spec(ctx: CompileContext, steps: int, options: dict[str, Any] | None
         "data": data_spec(ctx),
         "outputs": {"dir": str(run.adapter if s.is_peft else run.model), "metrics": str(run.metrics_path),
                     "final_metrics": str(run.native / "final_metrics.json")},
+        "early_stopping": early_stopping_arguments(s),
         "resume_from": str(ctx.resume_from) if ctx.resume_from else None,
         "total_steps": steps,
     }

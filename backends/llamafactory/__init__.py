@@ -115,6 +115,16 @@ class LlamaFactoryBackend(Backend):
         if s.distributed.launcher == "torchrun" and platform.name != "cuda":
             raise UnsupportedError("multi-process LlamaFactory training needs CUDA GPUs here",
                                    where="distributed.launcher", hint="use distributed.launcher: none on CPU")
+        stop = s.training.early_stopping
+        if stop is not None and stop.threshold != 0:
+            raise UnsupportedError("LlamaFactory 0.9.5's early_stopping_steps makes transformers' "
+                                   "EarlyStoppingCallback with its patience only, so any improvement counts",
+                                   where="training.early_stopping.threshold",
+                                   hint="remove the threshold (0), or --backend pytorch")
+        if s.training.keep_best and s.stage == "rm":
+            raise UnsupportedError("LlamaFactory 0.9.5 refuses load_best_model_at_end for stage rm ('RM and PPO "
+                                   "stages do not support `load_best_model_at_end`')", where="training.keep_best",
+                                   hint="remove training.keep_best, or --backend pytorch")
         template = load_template(s.template)
         lf_template_for(template, conversation_cases(data) if data is not None else ["single"])
         if data is not None:

@@ -49,6 +49,7 @@ OWNED: dict[str, str] = {
     "quantization_type": "model.quant_type", "double_quantization": "model.double_quant",
     "use_dora": "method.use_dora", "use_rslora": "method.use_rslora", "pissa_init": "method.init",
     "loraplus_lr_ratio": "method.loraplus_lr_ratio", "additional_target": "method.modules_to_save",
+    "early_stopping_steps": "training.early_stopping (its patience)",
     "overwrite_output_dir": "llfarm (resume is explicit)", "resume_from_checkpoint": "`llfarm resume RUN_DIR`",
     # never written (the core does their job once, for every backend), refused all the same
     "max_samples": "data.max_samples", "val_size": "data.eval_split", "logging_dir": "the run directory",
@@ -191,6 +192,8 @@ def build_config(ctx, steps: int, template_name: str, options: dict[str, Any]) -
     c.put("training (llfarm's shared TrainingArguments)", "neftune_alpha", s.training.neftune_alpha)
     if s.distributed.launcher == "torchrun":
         c.default("training (llfarm's shared TrainingArguments)", "ddp_timeout")
+    if s.training.early_stopping is not None:   # LlamaFactory adds transformers' EarlyStoppingCallback(patience)
+        c.put("training (llfarm's shared TrainingArguments)", "early_stopping_steps", s.training.early_stopping.patience)
 
     c.put("output", "overwrite_output_dir", True)
     c.put("output", "resume_from_checkpoint", str(ctx.resume_from) if ctx.resume_from else None)

@@ -14,6 +14,10 @@ no torchrun on one device) plus what a run directory needs:
   scores) goes to ``--final`` as train_pair_accuracy;
 - the final adapter/model and every checkpoint get the tokenizer with the llfarm template's chat_template
   and end-of-turn eos, as the pytorch backend saves them;
+- early stopping is LlamaFactory's own (``early_stopping_steps``); when training ends, whether it stopped early
+  and the best evaluation go to ``native/outcome.json`` (``llfarm.stopping``);
+- an out-of-memory error during training is reported to the runner (``native/oom.json``, exit code 75), which
+  backs off to a smaller batch and continues (``llfarm.oom``);
 - every checkpoint is marked complete once fully written (``llfarm.checkpoints``), the process dies with the
   llfarm process that started it (``llfarm.lifeline``), and secret-named options arrive through the environment
   (``LLFARM_SECRET_OPTIONS``), never through the config file.
@@ -55,8 +59,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"llfarm: LlamaFactory rejected {opts.config}: {msg}", flush=True)
         return 2
 
+    from llfarm import oom
     from llfarm.checkpoints import completeness_callback, instrument_saves
     from llfarm.metrics import trainer_callback
+    from llfarm.stopping import outcome_callback, outcome_path
     from llfarm.templates import load_template
 
     instrument_saves()                  # a failed save names its file and disk (+ tests' fault injection)
@@ -73,12 +79,17 @@ def main(argv: list[str] | None = None) -> int:
     if rm_stats is not None:
         callbacks.insert(0, RMLogs(rm_stats))
         callbacks.append(RMTrainAccuracy(rm_stats))
+    callbacks.append(oom.watch(Path(opts.final).parent))     # out of memory → the runner backs off
+    # when training ends: early stopping (LlamaFactory appends its EarlyStoppingCallback to this list) and the best
+    callbacks.append(outcome_callback(outcome_path(opts.final), callbacks))
     callbacks.append(completeness_callback())   # last: after the tokenizer is written into each checkpoint
 
     from llamafactory.train.tuner import run_exp
     try:
         run_exp(args, callbacks=callbacks)
     except Exception as exc:  # noqa: BLE001 - the traceback goes to the log, one line ends it
+        if oom.report(exc):
+            return oom.EXIT_CODE
         traceback.print_exc()
         msg = " ".join(str(exc).split())[:500]
         print(msg if msg.startswith("llfarm: ") else f"llfarm: LlamaFactory failed: {type(exc).__name__}: {msg}",

@@ -52,6 +52,7 @@ def _special(c: dict[str, Any], out: Imported, base: Path) -> None:
         out.set("training.save_every", None)
     if c.get("max_samples") is None:
         c.pop("max_samples", None)
+    _best(c, out)
     folder = Path(c.pop("dataset_dir", "data"))
     folder = folder if folder.is_absolute() else base / folder
     for key, target in (("dataset", "data.train"), ("eval_dataset", "data.eval")):
@@ -60,6 +61,31 @@ def _special(c: dict[str, Any], out: Imported, base: Path) -> None:
             sources = [s for s in sources if s]
             if sources:
                 out.set(target, sources[0] if len(sources) == 1 else sources)
+
+
+def _best(c: dict[str, Any], out: Imported) -> None:
+    """early_stopping_steps, load_best_model_at_end and the metric they follow → training.early_stopping / keep_best
+    (the inverse of llfarm.training.best_arguments)."""
+    from llfarm.training import NATIVE_METRICS
+    patience, keep = c.pop("early_stopping_steps", None), c.pop("load_best_model_at_end", None)
+    metric = c.pop("metric_for_best_model", None)
+    greater = c.pop("greater_is_better", None)
+    c.pop("restore_callback_states_from_checkpoint", None)
+    if patience is None and not keep:
+        if metric is not None:
+            out.not_mapped["metric_for_best_model"] = "llfarm follows a metric for early stopping or keep_best only"
+        return
+    metric = "eval_loss" if metric in (None, "loss") else metric
+    ours = {v: k for k, v in NATIVE_METRICS.items()}.get(metric if metric.startswith("eval_") else f"eval_{metric}")
+    if ours is None or (greater is not None and greater != (ours != "eval_loss")):
+        out.not_mapped["metric_for_best_model"] = (f"llfarm follows {', '.join(NATIVE_METRICS)} (loss lower, the "
+                                                   f"others higher is better), not {metric!r}")
+        ours = "eval_loss"
+    if patience is not None:
+        out.set("training.early_stopping", {"patience": int(patience),
+                                            **({"metric": ours} if ours != "eval_loss" else {})})
+    if keep:
+        out.set("training.keep_best", True)
 
 
 def _source(name: str, folder: Path, out: Imported, key: str) -> str | None:
