@@ -197,9 +197,14 @@ def memory_peaks(rows: list[dict[str, Any]]) -> dict[str, float]:
 
 
 def plot_loss(rows: list[dict[str, Any]], out: Path, title: str = "") -> Path | None:
-    """loss.png from metrics rows (train loss, and eval loss when present)."""
-    train = [(r["step"], r["loss"]) for r in rows if "loss" in r and "step" in r]
+    """loss.png from metrics rows: train loss (PPO, which logs no single loss: its policy loss and mean reward), and
+    eval loss when present. Every stage that logged a step gets one, so every run directory has the same files."""
+    key, label = next(((k, lab) for k, lab in (("loss", "train loss"), ("policy_loss", "policy loss"),
+                                               ("reward", "mean reward")) if any(k in r for r in rows)),
+                      ("loss", "train loss"))
+    train = [(r["step"], r[key]) for r in rows if key in r and "step" in r]
     evals = [(r["step"], r["eval_loss"]) for r in rows if "eval_loss" in r and "step" in r]
+    rewards = [(r["step"], r["reward"]) for r in rows if "reward" in r and "step" in r] if key == "policy_loss" else []
     if not train and not evals:
         return None
     import matplotlib
@@ -208,14 +213,19 @@ def plot_loss(rows: list[dict[str, Any]], out: Path, title: str = "") -> Path | 
 
     fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
     if train:
-        ax.plot(*zip(*train), label="train loss")
+        ax.plot(*zip(*train), label=label)
     if evals:
         ax.plot(*zip(*evals), "o-", label="eval loss")
     ax.set_xlabel("step")
-    ax.set_ylabel("loss")
+    ax.set_ylabel("loss" if key != "reward" else "reward")
     ax.set_title(title)
     ax.grid(alpha=0.3)
-    ax.legend()
+    ax.legend(loc="upper left")
+    if rewards:
+        twin = ax.twinx()
+        twin.plot(*zip(*rewards), color="tab:green", label="mean reward")
+        twin.set_ylabel("reward")
+        twin.legend(loc="upper right")
     fig.tight_layout()
     fig.savefig(out)
     plt.close(fig)

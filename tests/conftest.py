@@ -90,11 +90,19 @@ def one_line_error(proc: subprocess.CompletedProcess, expect: list[str] | tuple[
     return err
 
 
+OPT_IN = {
+    "rl": "opt-in: minutes-long reinforcement-learning runs; run them with pytest -m rl",
+    "heavy": "opt-in: a longer variant of a check the default suite makes; run them with pytest -m heavy",
+}
+
+
 def pytest_collection_modifyitems(config, items):
-    """Opt-in markers: `rl` tests (minutes-long RL runs) run only when asked for with -m rl."""
-    if "rl" in (config.getoption("-m") or ""):
-        return
-    skip = pytest.mark.skip(reason="opt-in: minutes-long reinforcement-learning runs; run them with pytest -m rl")
-    for item in items:
-        if "rl" in item.keywords:
-            item.add_marker(skip)
+    """Opt-in markers (OPT_IN) run only when -m names them: CI's default suite stays within its time."""
+    asked = config.getoption("-m") or ""
+    for marker, reason in OPT_IN.items():
+        if marker in asked:
+            continue
+        skip = pytest.mark.skip(reason=reason)
+        for item in items:
+            if marker in item.keywords:
+                item.add_marker(skip)

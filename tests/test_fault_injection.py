@@ -86,7 +86,7 @@ def resume_and_check(run: Path, reference: float, case: str, expect_from: str, *
     assert f"checkpoint-{STEPS}" in complete
 
 
-@pytest.mark.parametrize("at_step", [6, 15])
+@pytest.mark.parametrize("at_step", [6, pytest.param(15, marks=pytest.mark.heavy)])
 def test_sigkill_of_llfarm(tmp_path, reference, at_step):
     run = tmp_path / "r"
     proc = start(tmp_path, "r")
@@ -116,7 +116,7 @@ def test_sigkill_of_the_training_process(tmp_path, reference):
                      newest_marked(run, killed_at))
 
 
-@pytest.mark.parametrize("save_step", [8, 20])
+@pytest.mark.parametrize("save_step", [8, pytest.param(20, marks=pytest.mark.heavy)])
 def test_sigkill_during_a_checkpoint_save(tmp_path, reference, save_step):
     run = tmp_path / "r"
     proc = start(tmp_path, "r", env={"LLFARM_FAULT_KILL_IN_SAVE": str(save_step)})

@@ -142,7 +142,7 @@ def test_pt_trains_every_token(tmp_path):
 def test_user_reward_function_runs_in_training(tmp_path):
     write(tmp_path / "my_rewards.py", "def brevity(completions, **kw):\n"
                                       "    return [1.0 / (1 + len(c)) for c in completions]\n")
-    write(tmp_path / "g.yaml", "extends: grpo\nname: g\npreference: {rewards: [my_rewards.py:brevity, exact_match]}\n"
+    write(tmp_path / "g.yaml", "extends: grpo\nname: g\n"
                                "training: {max_steps: 2, batch_size: 8, logging_steps: 1}\n"
                                "preference: {rewards: [my_rewards.py:brevity, exact_match], num_generations: 4, "
                                "max_new_tokens: 8}\n")
