@@ -240,6 +240,12 @@ def _execute_and_finish(ctx, native, backend, verbose: bool) -> None:
         click.echo(tail(run.logs / "train.log"), err=True)
         raise TrainingFailed(f"the {backend.name} process exited with code {code}", where=str(run),
                              hint=f"full log: {run.show(run.logs / 'train.log')}")
+    if run.head_root is not None:         # another node of a multi-node run: the head collects the outputs
+        from .rundir import now_iso
+        run.update_manifest(status="completed", ended_at=now_iso())
+        click.echo(f"node {ctx.strategy.distributed.node_rank} done; the run directory is {run.head}", err=True)
+        click.echo(str(run))
+        return
     try:
         result = finish(ctx, backend)
     except KeyboardInterrupt as exc:      # training is done and checkpointed; collecting it was cut short

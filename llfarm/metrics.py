@@ -68,7 +68,7 @@ def trainer_callback(path: str | Path):
             self.writer.total_steps = state.max_steps
 
         def on_log(self, args, state, control, logs=None, **kw):
-            if not logs:
+            if not logs or not state.is_world_process_zero:   # one writer: global rank 0
                 return
             row = dict(logs)
             row["step"] = state.global_step

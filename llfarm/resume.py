@@ -21,6 +21,10 @@ def resume_run(run_dir: Path, max_steps: int | None = None):
     overrides = [f"training.max_steps={max_steps}"] if max_steps else []
     prep = prepare_run(resolve(run.strategy_path, overrides), manifest["backend"])
     prep.backend.check_resume(prep.resolved.strategy)
+    if prep.resolved.strategy.distributed.nnodes > 1:
+        raise RunError("llfarm resumes single-node runs; this run trained on "
+                       f"{prep.resolved.strategy.distributed.nnodes} nodes", where=str(run),
+                       hint="start every node again with `llfarm run` and a new --run-id")
     drop_metrics_after(run, checkpoint_step(ckpt))
     ctx, native = compile_into(prep, run, resume_from=ckpt)
     run.update_manifest(resumed_from=str(ckpt.relative_to(run.root)), total_steps=native.total_steps)

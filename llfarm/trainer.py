@@ -50,12 +50,27 @@ def run(spec: dict[str, Any], load: Loader | None = None, *, extra_final: dict[s
         trainer.optimizer = loraplus_optimizer(trainer, spec["loraplus_lr_ratio"])
     result = trainer.train(resume_from_checkpoint=spec["resume_from"])
     save(spec, trainer, tokenizer)
+    if not trainer.is_world_process_zero():    # under a launcher only global rank 0 writes the run's outputs
+        return 0
     final = {"global_step": trainer.state.global_step, "train_runtime": result.metrics.get("train_runtime"),
-             "num_input_tokens_seen": trainer.state.num_input_tokens_seen, **(extra_final or {})}
+             "train_loss": result.metrics.get("train_loss"),
+             "num_input_tokens_seen": trainer.state.num_input_tokens_seen, **(extra_final or {}),
+             **distributed_final(trainer.args)}
     if spec["stage"] == "rm":
         final["train_pair_accuracy"], final["train_pair_accuracy_n"] = rm_accuracy(trainer.model, train)
     Path(spec["outputs"]["final_metrics"]).write_text(json.dumps(final, indent=2) + "\n", encoding="utf-8")
     return 0
+
+
+def distributed_final(args) -> dict[str, Any]:
+    """How many processes trained together, as the trainer saw them (world_size 1 for a single process)."""
+    import os
+    out: dict[str, Any] = {"world_size": args.world_size}
+    if args.world_size > 1:
+        import torch.distributed as dist
+        out["ddp_backend"] = dist.get_backend() if dist.is_initialized() else args.ddp_backend
+        out["nnodes"] = int(os.environ.get("GROUP_WORLD_SIZE", "1"))
+    return out
 
 
 # ---------------------------------------------------------------- loading: transformers + PEFT
@@ -179,8 +194,9 @@ def save(spec, trainer, tokenizer) -> None:
     if gen is not None:
         gen.eos_token_id = tokenizer.eos_token_id
         gen.pad_token_id = tokenizer.pad_token_id
-    trainer.save_model(spec["outputs"]["dir"])
-    tokenizer.save_pretrained(spec["outputs"]["dir"])
+    trainer.save_model(spec["outputs"]["dir"])          # (the trainer saves on global rank 0 only)
+    if trainer.args.should_save:
+        tokenizer.save_pretrained(spec["outputs"]["dir"])
 
 
 def rm_accuracy(model, pairs, limit: int = 1000) -> tuple[float, int]:
