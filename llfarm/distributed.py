@@ -91,10 +91,16 @@ def _port(endpoint: str | None) -> int | None:
 
 def launch_env(ctx: CompileContext) -> dict[str, str]:
     """Environment for the launcher. On CUDA, what LlamaFactory's FORCE_TORCHRUN launcher sets for DDP
-    (OPTIM_TORCH): expandable CUDA segments and no NCCL record streams."""
-    if not is_distributed(ctx.strategy) or ctx.platform.name != "cuda":
+    (OPTIM_TORCH): expandable CUDA segments and no NCCL record streams. On CPU, accelerate's device override:
+    its multi-CPU state names the device "cpu:<local rank>", which torch.load cannot map a checkpoint's optimizer
+    state to (the trainer loads it with map_location=args.device when world_size > 1), so resume would fail."""
+    if not is_distributed(ctx.strategy):
         return {}
-    return {"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True", "TORCH_NCCL_AVOID_RECORD_STREAMS": "1"}
+    if ctx.platform.name == "cpu":
+        return {"ACCELERATE_TORCH_DEVICE": "cpu"}
+    if ctx.platform.name == "cuda":
+        return {"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True", "TORCH_NCCL_AVOID_RECORD_STREAMS": "1"}
+    return {}
 
 
 # ---------------------------------------------------------------- accelerate
