@@ -251,44 +251,48 @@ def check_deepspeed(s: Strategy, plat: Platform) -> None:
 # ---------------------------------------------------------------- Slurm
 
 def slurm_script(s: Strategy, strategy_ref: str, backend: str, overrides: list[str], output: Path,
-                 platform: Platform, torchrun_preview: str) -> str:
+                 platform: Platform, torchrun_preview: str, workdir: Path) -> str:
     """An sbatch script for ``distributed.nnodes`` nodes: one task per node, each running ``llfarm run`` with the
     same run id, its SLURM_NODEID as node_rank and the first node of the allocation as the rendezvous host, so every
-    node starts the same torchrun command (c10d rendezvous, rdzv id = the run id)."""
+    node compiles and starts the same torchrun command (c10d rendezvous, rdzv id = the run id)."""
+    import sys
+
     d = s.distributed
     port = _port(d.endpoint) or 29500
     q = shlex.quote
-    set_args = " ".join(f"--set {q(o)}" for o in overrides)
+    llfarm = Path(sys.executable).parent / "llfarm"
+    node = " ".join([
+        'exec "$LLFARM" run', q(strategy_ref), "--backend", q(backend), "-o", q(str(output)),
+        '--run-id "$LLFARM_RUN_ID"', *(f"--set {q(o)}" for o in overrides),
+        *(["--set distributed.master_addr=null --set distributed.master_port=null"]
+          if d.master_addr or d.master_port else []),
+        '--set distributed.node_rank="$SLURM_NODEID"', f'--set distributed.rdzv_endpoint="$HEAD_NODE:{port}"'])
     lines = [
         "#!/bin/bash",
-        f"#SBATCH --job-name={s.name}",
+        f"#SBATCH --job-name={q(s.name)}",
         f"#SBATCH --nodes={d.nnodes}",
         "#SBATCH --ntasks-per-node=1",
         f"#SBATCH --cpus-per-task={max(4, 4 * d.nproc_per_node)}",
-    ]
-    if platform.name == "cuda":
-        lines.append(f"#SBATCH --gpus-per-node={d.nproc_per_node}")
-    lines += [
-        f"#SBATCH --output={q(str(output))}/slurm-%j.out",
+        f"#SBATCH --gpus-per-node={d.nproc_per_node}" if platform.name == "cuda" else
+        f"##SBATCH --gpus-per-node={d.nproc_per_node}   # planned on {platform.name}; GPU nodes: drop one '#'",
+        f"#SBATCH --chdir={q(str(workdir))}",
+        "#SBATCH --output=slurm-%j.out",
         "",
-        f"# Written by `llfarm plan {strategy_ref} --emit slurm`: {d.nnodes} node(s) x {d.nproc_per_node} process(es).",
-        "# Each node runs `llfarm run` with the same --run-id; node 0 (the first of the allocation) is the head: it",
-        "# owns the run directory and hosts torchrun's c10d rendezvous. Every node starts this torchrun command:",
-        *[f"#   {line}" for line in torchrun_preview.splitlines()],
-        "# The output folder must be on a filesystem every node sees.",
+        f"# Written by `llfarm plan --emit slurm`: {d.nnodes} node(s) x {d.nproc_per_node} process(es) per node, "
+        f"backend {backend}.",
+        "# Every node runs `llfarm run` with the same --run-id; node 0 (the allocation's first node) is the head: it",
+        "# owns the run directory and hosts torchrun's c10d rendezvous. The head starts this torchrun command (node K",
+        "# the same with --node-rank=K and is_host=0, its files in <run id>-node<K>/):",
+        *(f"#   {line}" for line in torchrun_preview.splitlines()),
+        f"# {output} must be on a filesystem every node sees.",
         "set -euo pipefail",
         "",
-        'HEAD_NODE=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)',
-        f"export LLFARM_RDZV_ENDPOINT=\"$HEAD_NODE:{port}\"",
-        f"export LLFARM_RUN_ID=\"${{SLURM_JOB_ID}}-{s.name}\"",
+        f'export LLFARM="${{LLFARM:-{llfarm}}}"',
+        'HEAD_NODE="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)"',
+        "export HEAD_NODE",
+        f'export LLFARM_RUN_ID="${{LLFARM_RUN_ID:-${{SLURM_JOB_ID}}-{s.name}}}"',
         "",
-        "srun --ntasks-per-node=1 --kill-on-bad-exit=1 bash -c " + q(
-            f"exec llfarm run {q(strategy_ref)} --backend {q(backend)} -o {q(str(output))} "
-            '--run-id "$LLFARM_RUN_ID" '
-            f"{set_args + ' ' if set_args else ''}"
-            f"--set distributed.nnodes={d.nnodes} --set distributed.nproc_per_node={d.nproc_per_node} "
-            f"--set distributed.launcher={d.launcher} "
-            '--set distributed.node_rank="$SLURM_NODEID" --set distributed.rdzv_endpoint="$LLFARM_RDZV_ENDPOINT"'),
+        "srun --ntasks-per-node=1 --kill-on-bad-exit=1 bash -c " + q(node),
         "",
     ]
     return "\n".join(lines)

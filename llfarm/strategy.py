@@ -343,6 +343,15 @@ def resolve(ref: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Res
     return Resolved(strategy=strategy, file=path, sources=sources)
 
 
+def raw_values(ref: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> dict[str, Any]:
+    """The merged values (extends + --set) before validation: for commands that fill in a value themselves."""
+    data, _ = _load_layers(find_strategy(str(ref)))
+    for item in overrides:
+        key, value = parse_set(item)
+        set_path(data, key, value)
+    return data
+
+
 def redact(obj: Any) -> Any:
     """A copy with anything that looks like a secret replaced by '***'."""
     if isinstance(obj, dict):
