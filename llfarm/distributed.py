@@ -278,8 +278,8 @@ def slurm_script(s: Strategy, strategy_ref: str, backend: str, overrides: list[s
         f"#SBATCH --chdir={q(str(workdir))}",
         "#SBATCH --output=slurm-%j.out",
         "",
-        f"# Written by `llfarm plan --emit slurm`: {d.nnodes} node(s) x {d.nproc_per_node} process(es) per node, "
-        f"backend {backend}.",
+        (f"# Written by `llfarm plan --emit slurm`: {d.nnodes} node(s) x {d.nproc_per_node} process(es) per node, "
+         f"backend {backend}."),
         "# Every node runs `llfarm run` with the same --run-id; node 0 (the allocation's first node) is the head: it",
         "# owns the run directory and hosts torchrun's c10d rendezvous. The head starts this torchrun command (node K",
         "# the same with --node-rank=K and is_host=0, its files in <run id>-node<K>/):",
