@@ -154,8 +154,9 @@ class Backend:
                 f"{what} ({strategy.quantization} bitsandbytes) needs a CUDA GPU; this machine has "
                 f"{platform.accelerator}",
                 hint="use method.type: lora and model.quantization: none on this machine, or run on a CUDA GPU")
-        from .distributed import check_deepspeed
+        from .distributed import check_deepspeed, check_fsdp
         check_deepspeed(strategy, platform)
+        check_fsdp(strategy, platform)
         from .training import CUDA_ONLY
         if platform.name != "cuda":
             for key, (values, why) in CUDA_ONLY.items():

@@ -239,6 +239,17 @@ def check_devices(s: Strategy, plat: Platform) -> None:
             where="distributed.nproc_per_node", hint=f"set distributed.nproc_per_node: {max(n, 1)} or fewer")
 
 
+def check_fsdp(s: Strategy, plat: Platform) -> None:
+    """FSDP runs through accelerate, and accelerate 1.11 turns it on only for GPU-type states: on CPU it sets up
+    plain multi-CPU DDP and ignores the FSDP config (torch 2.11's fully_shard itself does train on gloo)."""
+    if s.distributed.fsdp != "none" and plat.name != "cuda":
+        raise UnsupportedError(f"FSDP through accelerate needs CUDA GPUs (on {plat.name} accelerate sets up plain "
+                               "DDP and would ignore the FSDP config); this machine has " + plat.accelerator,
+                               where="distributed.fsdp",
+                               hint="`llfarm plan` still writes native/accelerate.yaml; on this machine use "
+                                    "distributed.fsdp: none (DDP)")
+
+
 def check_deepspeed(s: Strategy, plat: Platform) -> None:
     """DeepSpeed's ZeRO engine runs on CUDA GPUs (its CPU accelerator needs Intel's extension and oneCCL)."""
     if (s.distributed.deepspeed or s.distributed.launcher == "deepspeed") and plat.name != "cuda":

@@ -268,6 +268,8 @@ def trainer_spec(ctx: CompileContext, steps: int, options: dict[str, Any] | None
                     "final_metrics": str(out.final_metrics_path)},
         "resume_from": str(ctx.resume_from) if ctx.resume_from else None,
         "total_steps": steps,
+        "distributed": {"world_size": s.distributed.world_size, "fsdp": s.distributed.fsdp != "none",
+                        "deepspeed": s.distributed.deepspeed is not None},
     }
 
 
