@@ -234,11 +234,14 @@ def _emit_slurm(strategy: str, backend: str | None, overrides: list[str], output
     from .strategy import parse_set, raw_values, resolve
 
     given = [o for o in overrides if parse_set(o)[0] not in SLURM_KEYS]
-    dist = raw_values(strategy, given).get("distributed") or {}
-    endpoint = dist.get("rdzv_endpoint") if isinstance(dist, dict) else None
-    port = str(endpoint).rpartition(":")[2] if endpoint else str(dist.get("master_port") or 29500)
+    asked = raw_values(strategy, overrides).get("distributed") or {}        # the port, wherever it was set
+    endpoint = asked.get("rdzv_endpoint") if isinstance(asked, dict) else None
+    port = str(endpoint).rpartition(":")[2] if endpoint else str(asked.get("master_port") or 29500)
+    kept = raw_values(strategy, given).get("distributed") or {}             # what each node will read
+    clear_master = isinstance(kept, dict) and (kept.get("master_addr") is not None or
+                                               kept.get("master_port") is not None)
     job = [f"distributed.rdzv_endpoint=$HEAD_NODE:{port}", "distributed.node_rank=0"]
-    if dist.get("master_addr") is not None or dist.get("master_port") is not None:
+    if clear_master:
         job += ["distributed.master_addr=null", "distributed.master_port=null"]
     res = resolve(strategy, [*given, *job])
     d = res.strategy.distributed
@@ -254,7 +257,7 @@ def _emit_slurm(strategy: str, backend: str | None, overrides: list[str], output
                                                    f"--rdzv-endpoint=$HEAD_NODE:{port}")   # without its `cd`
     ref = str(res.file) if res.file and not _is_shipped(strategy) else strategy
     click.echo(slurm_script(res.strategy, ref, prep.backend.name, given, out_abs, prep.platform, preview,
-                            workdir=Path.cwd()), nl=False)
+                            workdir=Path.cwd(), clear_master=clear_master), nl=False)
 
 
 def _is_shipped(ref: str) -> bool:

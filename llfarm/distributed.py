@@ -262,7 +262,7 @@ def check_deepspeed(s: Strategy, plat: Platform) -> None:
 # ---------------------------------------------------------------- Slurm
 
 def slurm_script(s: Strategy, strategy_ref: str, backend: str, overrides: list[str], output: Path,
-                 platform: Platform, torchrun_preview: str, workdir: Path) -> str:
+                 platform: Platform, torchrun_preview: str, workdir: Path, clear_master: bool = False) -> str:
     """An sbatch script for ``distributed.nnodes`` nodes: one task per node, each running ``llfarm run`` with the
     same run id, its SLURM_NODEID as node_rank and the first node of the allocation as the rendezvous host, so every
     node compiles and starts the same torchrun command (c10d rendezvous, rdzv id = the run id)."""
@@ -275,8 +275,7 @@ def slurm_script(s: Strategy, strategy_ref: str, backend: str, overrides: list[s
     node = " ".join([
         'exec "$LLFARM" run', q(strategy_ref), "--backend", q(backend), "-o", q(str(output)),
         '--run-id "$LLFARM_RUN_ID"', *(f"--set {q(o)}" for o in overrides),
-        *(["--set distributed.master_addr=null --set distributed.master_port=null"]
-          if d.master_addr or d.master_port else []),
+        *(["--set distributed.master_addr=null --set distributed.master_port=null"] if clear_master else []),
         '--set distributed.node_rank="$SLURM_NODEID"', f'--set distributed.rdzv_endpoint="$HEAD_NODE:{port}"'])
     lines = [
         "#!/bin/bash",
