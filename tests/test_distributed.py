@@ -174,54 +174,59 @@ def test_deepspeed_launcher_command_is_deepspeeds_own(tmp_path):
 
 DS_CHECK = r"""
 import json, sys
-spec, ds = json.load(open(sys.argv[1])), json.load(open(sys.argv[2]))
-args = dict(spec["args"]); args.pop("deepspeed", None); args["use_cpu"] = True
 from trl import SFTConfig
-targs = SFTConfig(**args)
 from transformers import AutoConfig
 from transformers.integrations.deepspeed import HfTrainerDeepSpeedConfig
-hf = HfTrainerDeepSpeedConfig(ds)                   # the Hugging Face integration fills the "auto" values
-hf.trainer_config_process(targs)
-class Model: config = AutoConfig.from_pretrained(spec["model"]["path"])
-hf.trainer_config_finalize(targs, Model(), spec["total_steps"])
 from deepspeed.runtime.config import DeepSpeedConfig
-try:
-    c = DeepSpeedConfig(hf.config)                  # DeepSpeed's own parser and pydantic config classes
-except Exception as exc:
-    print(json.dumps({"error": f"{type(exc).__name__}: {exc}"})); sys.exit(0)
-z = c.zero_config
 dev = lambda o: None if o is None else str(o.device).rpartition(".")[2]
-print(json.dumps({"stage": int(z.stage), "offload_optimizer": dev(z.offload_optimizer),
-                  "offload_param": dev(z.offload_param), "train_batch_size": c.train_batch_size,
-                  "micro": c.train_micro_batch_size_per_gpu, "accum": c.gradient_accumulation_steps,
-                  "reduce_bucket_size": z.reduce_bucket_size}))
+results = {}
+for name, (spec_path, ds_path) in json.load(open(sys.argv[1])).items():
+    spec, ds = json.load(open(spec_path)), json.load(open(ds_path))
+    args = dict(spec["args"]); args.pop("deepspeed", None); args["use_cpu"] = True
+    targs = SFTConfig(**args)
+    hf = HfTrainerDeepSpeedConfig(ds)               # the Hugging Face integration fills the "auto" values
+    hf.trainer_config_process(targs)
+    class Model: config = AutoConfig.from_pretrained(spec["model"]["path"])
+    hf.trainer_config_finalize(targs, Model(), spec["total_steps"])
+    try:
+        c = DeepSpeedConfig(hf.config)              # DeepSpeed's own parser and pydantic config classes
+    except Exception as exc:
+        results[name] = {"error": f"{type(exc).__name__}: {exc}"}
+        continue
+    z = c.zero_config
+    results[name] = {"stage": int(z.stage), "offload_optimizer": dev(z.offload_optimizer),
+                     "offload_param": dev(z.offload_param), "train_batch_size": c.train_batch_size,
+                     "micro": c.train_micro_batch_size_per_gpu, "accum": c.gradient_accumulation_steps,
+                     "reduce_bucket_size": z.reduce_bucket_size}
+print(json.dumps(results))
 """
 
 
 @pytest.mark.skipif(not HAS_DEEPSPEED, reason="deepspeed not installed (pip install 'llfarm[deepspeed]')")
 def test_zero_configs_are_valid_deepspeed_configs(tmp_path):
-    script = write(tmp_path / "ds_check.py", DS_CHECK)
     cases = {"zero2": ([], (2, None, None)), "zero2-offload": (["optimizer"], (2, "cpu", None)),
              "zero3": ([], (3, None, None)), "zero3-offload": (["optimizer", "param"], (3, "cpu", "cpu"))}
-    for name, (offload, expected) in cases.items():
+    files = {}
+    for name, (offload, _) in cases.items():
         ctx, _ = compiled(tmp_path / name, [f"distributed.deepspeed={name[:5]}",
                                             f"distributed.offload=[{','.join(offload)}]", "training.grad_accum=2"])
-        path = ctx.run.native / "deepspeed.json"
-        out = subprocess.run([PY, str(script), str(ctx.run.native / "trainer.json"), str(path)],
-                             capture_output=True, text=True, timeout=300)
-        assert out.returncode == 0, out.stderr[-3000:]
-        got = json.loads(out.stdout.strip().splitlines()[-1])
-        assert "error" not in got, (name, got)
-        assert (got["stage"], got["offload_optimizer"], got["offload_param"]) == expected, (name, got)
-        assert (got["micro"], got["accum"], got["train_batch_size"]) == (8, 2, 16)
-        assert got["reduce_bucket_size"] == 64 * 64          # "auto" → hidden_size², filled by the integration
+        files[name] = (str(ctx.run.native / "trainer.json"), str(ctx.run.native / "deepspeed.json"))
     # the check is real: DeepSpeed refuses a misspelt key in the same config
-    bad = json.loads(path.read_text())
-    bad["zero_optimization"]["offload_optimiser"] = {"device": "cpu"}
-    write(path, json.dumps(bad))
-    out = subprocess.run([PY, str(script), str(ctx.run.native / "trainer.json"), str(path)], capture_output=True,
-                         text=True, timeout=300)
-    assert "offload_optimiser" in json.loads(out.stdout.strip().splitlines()[-1])["error"]
+    bad = json.loads(Path(files["zero3-offload"][1]).read_text())
+    bad["zero_optimization"]["offload_optimiser"] = bad["zero_optimization"].pop("offload_optimizer")
+    files["misspelt"] = (files["zero3-offload"][0], str(write(tmp_path / "bad.json", json.dumps(bad))))
+    out = subprocess.run([PY, str(write(tmp_path / "ds_check.py", DS_CHECK)),
+                          str(write(tmp_path / "cases.json", json.dumps(files)))],
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    for name, (_, expected) in cases.items():
+        g = got[name]
+        assert "error" not in g, (name, g)
+        assert (g["stage"], g["offload_optimizer"], g["offload_param"]) == expected, (name, g)
+        assert (g["micro"], g["accum"], g["train_batch_size"]) == (8, 2, 16)
+        assert g["reduce_bucket_size"] == 64 * 64           # "auto" → hidden_size², filled by the integration
+    assert "offload_optimiser" in got["misspelt"]["error"]
 
 
 # ---------------------------------------------------------------- bad input: one line, exit 2, nothing written
