@@ -5,6 +5,7 @@
 Runs, one after another, with `llfarm run quickstart --set export.formats=[]`:
   1 process                  (torch's default intra-op threads)
   1 process, OMP_NUM_THREADS=1  (what torchrun gives each rank)
+  1 process, batch_size=4 and grad_accum=2  (the same global batch in the micro-batches each DDP rank sees)
   2 processes (DDP, gloo)    distributed.launcher=torchrun, nproc_per_node=2, batch_size=4 (the same global batch)
 and prints a Markdown table: wall time of the whole command, the trainer's train_runtime, first/final/mean loss,
 and the final and mean loss difference of the 2-process run against the 1-process run.
@@ -25,6 +26,7 @@ LLFARM = str(Path(sys.executable).parent / "llfarm")
 CONFIGS = {
     "1 process": ([], {}),
     "1 process, OMP_NUM_THREADS=1": ([], {"OMP_NUM_THREADS": "1"}),
+    "1 process, batch 4 x grad_accum 2": (["training.batch_size=4", "training.grad_accum=2"], {}),
     "2 processes (torchrun, gloo)": (["distributed.launcher=torchrun", "distributed.nproc_per_node=2",
                                       "training.batch_size=4"], {}),
 }
@@ -36,7 +38,7 @@ def run(backend: str, name: str, sets: list[str], env: dict[str, str], out: Path
             "--set", "export.formats=[]", *[a for s in sets for a in ("--set", s)]]
     load = os.getloadavg()[0]
     start = time.time()
-    proc = subprocess.run(args, env=dict(os.environ, **env), capture_output=True, text=True)
+    proc = subprocess.run(args, env=dict(os.environ, **env), capture_output=True, text=True, check=False)
     wall = time.time() - start
     if proc.returncode != 0:
         raise SystemExit(f"{backend} {name} failed:\n{proc.stderr[-3000:]}")
@@ -64,16 +66,18 @@ def main() -> None:
             results.append(r)
             print(json.dumps({k: v for k, v in r.items() if k != "losses"}), flush=True)
     (opts.out / "results.json").write_text(json.dumps(results, indent=1))
-    print("\n| backend | processes | wall (s) | train_runtime (s) | first loss | final loss | mean loss | "
-          "final vs 1 proc | mean vs 1 proc | load avg before |")
+    print("\n| backend | processes | wall (s) | train_runtime (s) | final loss | mean loss | final vs 1 proc | "
+          "mean vs 1 proc | final vs batch 4 x accum 2 | load avg before |")
     print("|---|---|---|---|---|---|---|---|---|---|")
+
+    def diff(r: dict, config: str, key: str) -> str:
+        base = next(b for b in results if b["backend"] == r["backend"] and b["config"] == config)
+        return f"{(r[key] - base[key]) / base[key] * 100:+.4f}%"
+
     for r in results:
-        base = next(b for b in results if b["backend"] == r["backend"] and b["config"] == "1 process")
-        d_final = (r["final_loss"] - base["final_loss"]) / base["final_loss"] * 100
-        d_mean = (r["mean_loss"] - base["mean_loss"]) / base["mean_loss"] * 100
-        print(f"| {r['backend']} | {r['config']} | {r['wall_s']} | {r['train_runtime_s']:.1f} | {r['first_loss']:.4f} | "
-              f"{r['final_loss']:.4f} | {r['mean_loss']:.4f} | {d_final:+.1f}% | {d_mean:+.1f}% | "
-              f"{r['load_before']} |")
+        print(f"| {r['backend']} | {r['config']} | {r['wall_s']} | {r['train_runtime_s']:.1f} | {r['final_loss']:.7f} "
+              f"| {r['mean_loss']:.5f} | {diff(r, '1 process', 'final_loss')} | {diff(r, '1 process', 'mean_loss')} | "
+              f"{diff(r, '1 process, batch 4 x grad_accum 2', 'final_loss')} | {r['load_before']} |")
 
 
 if __name__ == "__main__":

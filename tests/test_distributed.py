@@ -34,7 +34,7 @@ from llfarm.strategy import resolve
 PY = sys.executable
 HAS_DEEPSPEED = find_spec("deepspeed") is not None
 CUDA_GPUS = int(subprocess.run([PY, "-c", "import torch; print(torch.cuda.device_count())"], capture_output=True,
-                               text=True).stdout.strip() or 0) if Path("/dev/nvidia0").exists() else 0
+                               text=True, check=False).stdout.strip() or 0) if Path("/dev/nvidia0").exists() else 0
 QUICK = ["export.formats=[]"]
 DDP2 = ["distributed.launcher=torchrun", "distributed.nproc_per_node=2", "training.batch_size=4"]
 
@@ -217,7 +217,7 @@ def test_zero_configs_are_valid_deepspeed_configs(tmp_path):
     files["misspelt"] = (files["zero3-offload"][0], str(write(tmp_path / "bad.json", json.dumps(bad))))
     out = subprocess.run([PY, str(write(tmp_path / "ds_check.py", DS_CHECK)),
                           str(write(tmp_path / "cases.json", json.dumps(files)))],
-                         capture_output=True, text=True, timeout=600)
+                         capture_output=True, text=True, timeout=600, check=False)
     assert out.returncode == 0, out.stderr[-3000:]
     got = json.loads(out.stdout.strip().splitlines()[-1])
     for name, (_, expected) in cases.items():
@@ -280,7 +280,7 @@ def slurm_script(tmp_path: Path, *extra: str, cwd: Path | None = None) -> str:
 def test_emit_slurm_writes_an_sbatch_script_for_n_nodes(tmp_path):
     text = slurm_script(tmp_path)
     path = write(tmp_path / "job.sbatch", text)
-    assert subprocess.run(["bash", "-n", str(path)], capture_output=True).returncode == 0
+    assert subprocess.run(["bash", "-n", str(path)], capture_output=True, check=False).returncode == 0
     directives = dict(line[len("#SBATCH "):].split("=", 1) for line in text.splitlines()
                       if line.startswith("#SBATCH "))
     assert directives["--nodes"] == "4" and directives["--ntasks-per-node"] == "1"
@@ -376,41 +376,41 @@ def file_set(run: Path) -> set[str]:
 
 
 @pytest.fixture(scope="module")
-def quickstart_pair(tmp_path_factory):
-    """backend -> (1-process run, 2-process run) of the quickstart; the 2-process run halves batch_size."""
-    cache: dict[str, tuple[Path, Path]] = {}
+def quickstart_runs(tmp_path_factory):
+    """backend -> the quickstart three ways: 1 process (batch 8); 1 process with the 8 split in two micro-batches of
+    4 (grad_accum 2); 2 DDP processes with batch_size halved (each rank's micro-batch is 4; the same global batch)."""
+    cache: dict[str, dict[str, Path]] = {}
 
-    def get(backend: str) -> tuple[Path, Path]:
+    def get(backend: str) -> dict[str, Path]:
         if backend not in cache:
             out = tmp_path_factory.mktemp(f"qs-{backend}")
-            one = run_dir_from(llfarm("run", "quickstart", "-b", backend, "-o", str(out), "--run-id", "one",
-                                      *sets(*QUICK)))
-            two = run_dir_from(llfarm("run", "quickstart", "-b", backend, "-o", str(out), "--run-id", "two",
-                                      *sets(*QUICK, *DDP2)))
-            cache[backend] = (one, two)
+            cache[backend] = {name: run_dir_from(llfarm("run", "quickstart", "-b", backend, "-o", str(out),
+                                                        "--run-id", name, *sets(*QUICK, *extra)))
+                              for name, extra in (("one", []), ("accum", ["training.batch_size=4",
+                                                                         "training.grad_accum=2"]), ("ddp", DDP2))}
         return cache[backend]
     return get
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("backend", ["pytorch", "llamafactory"])
-def test_ddp_quickstart_matches_one_process(quickstart_pair, backend):
-    one, two = quickstart_pair(backend)
-    m1, m2 = manifest(one), manifest(two)
-    f1, f2 = m1["final_metrics"], m2["final_metrics"]
-    assert f2["world_size"] == 2 and f2["ddp_backend"] == "gloo" and f1["world_size"] == 1
+def test_ddp_quickstart_matches_one_process(quickstart_runs, backend):
+    runs = quickstart_runs(backend)
+    one, accum, two = runs["one"], runs["accum"], runs["ddp"]
+    f1, fa, f2 = (manifest(r)["final_metrics"] for r in (one, accum, two))
+    assert f2["world_size"] == 2 and f2["ddp_backend"] == "gloo" and f1["world_size"] == fa["world_size"] == 1
     r1, r2 = metrics(one), metrics(two)
     assert [r["step"] for r in r1] == [r["step"] for r in r2]          # rank 0 alone wrote metrics.jsonl
-    # the same global batches: identical (to float rounding) until rounding differences grow
+    # 2 processes x 4 = 1 process x 8: the same global batches, identical losses until float rounding differences
+    # (micro-batches of 4 against one batch of 8) grow; the mean loss over the run within 2%
     early = [(a["loss"], b["loss"]) for a, b in zip(r1, r2) if a["step"] <= 25]
     assert all(abs(a - b) <= 1e-4 * a for a, b in early), early
-    # over the whole run: the mean training loss within 2%
-    mean1 = sum(r["loss"] for r in r1) / len(r1)
-    mean2 = sum(r["loss"] for r in r2) / len(r2)
+    mean1, mean2 = (sum(r["loss"] for r in rows) / len(rows) for rows in (r1, r2))
     assert abs(mean2 - mean1) <= 0.02 * mean1, (mean1, mean2)
-    # the final loss: both trained to near zero; after 160 steps at lr 1e-2 the trajectories have drifted apart by
-    # float rounding (see benchmarks/RESULTS-distributed.md), so this bound is loose
-    assert f2["final_loss"] < 0.25 * f2["first_loss"] and abs(f2["final_loss"] - f1["final_loss"]) < 0.02, (f1, f2)
+    # the final loss within 2% of one process training on the same micro-batches (4, accumulated twice): DDP adds
+    # nothing of its own (against batch 8 the final loss drifts, as grad_accum does: benchmarks/RESULTS-distributed.md)
+    assert abs(f2["final_loss"] - fa["final_loss"]) <= 0.02 * fa["final_loss"], (fa, f2)
+    assert f2["final_loss"] < 0.05 * f2["first_loss"]
     # the same run directory, and every rank's log
     assert file_set(one) == file_set(two)
     ranks = {p.parent.name for p in (two / "logs" / "ranks").glob("*/attempt_0/*/stderr.log")}
@@ -458,7 +458,7 @@ def test_ctrl_c_and_sigterm_stop_every_rank(tmp_path, sig):
     ranks = [p for p in run_processes(run) if p != proc.pid]
     assert len(ranks) >= 3, ranks                                      # torchrun and its two ranks
     proc.send_signal(sig)
-    out, err = proc.communicate(timeout=120)
+    _, err = proc.communicate(timeout=120)
     assert proc.returncode == 128 + sig, err[-2000:]
     m = manifest(run)
     assert m["status"] == "interrupted" and m["signal"] == signal.Signals(sig).name
@@ -480,7 +480,7 @@ def test_llamafactorys_own_force_torchrun_launcher_trains_the_compiled_yaml(tmp_
                MASTER_PORT=str(free_port()), PATH=f"{Path(PY).parent}:{os.environ['PATH']}")  # it runs `torchrun`
     cli = str(Path(PY).parent / "llamafactory-cli")
     done = subprocess.run([cli, "train", str(cfg)], cwd=tmp_path, env=env, capture_output=True, text=True,
-                          timeout=600)
+                          timeout=600, check=False)
     assert done.returncode == 0, done.stderr[-3000:]
     out = tmp_path / "plan" / "checkpoints"
     state = json.loads((out / "trainer_state.json").read_text())
@@ -514,7 +514,8 @@ def test_the_sbatch_script_runs_two_nodes_with_stand_ins_for_srun(tmp_path):
     write(bin_dir / "scontrol", "#!/bin/sh\necho 127.0.0.1\necho 127.0.0.2\n").chmod(0o755)
     env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", SLURM_NNODES="2", SLURM_JOB_ID="42",
                SLURM_JOB_NODELIST="n[1-2]")
-    done = subprocess.run(["bash", str(script)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(["bash", str(script)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+                          check=False)
     errs = "".join((tmp_path / f"node{k}.err").read_text()[-1500:] for k in (0, 1) if (tmp_path / f"node{k}.err")
                    .exists())
     assert done.returncode == 0, done.stderr + errs
