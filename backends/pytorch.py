@@ -12,8 +12,9 @@ import json
 import sys
 
 from llfarm.backend import Backend, Capabilities, CompileContext, NativePlan, RunResult, launcher_argv, offline_env
+from llfarm.distributed import launch_env, write_launcher_files
 from llfarm.rundir import atomic_write_text, read_json
-from llfarm.training import TrainerOptions, total_steps, trainer_spec, write_deepspeed
+from llfarm.training import TrainerOptions, total_steps, trainer_spec
 
 SPEC = "trainer.json"
 
@@ -32,7 +33,7 @@ class PytorchBackend(Backend):
         methods=frozenset({"lora", "qlora", "full", "freeze"}),
         quantization=frozenset({"none", "4bit", "8bit"}),
         platforms=frozenset({"cpu", "cuda", "mps"}),
-        launchers=frozenset({"none", "torchrun", "accelerate"}),
+        launchers=frozenset({"none", "torchrun", "accelerate", "deepspeed"}),
         resumable=frozenset({"sft", "pt", "dpo", "orpo", "simpo", "kto", "rm", "grpo"}),
         reasons={"resume:ppo": "TRL 0.24's PPOTrainer.train takes no checkpoint to resume from; start a new run"},
     )
@@ -47,19 +48,19 @@ class PytorchBackend(Backend):
         s, run = ctx.strategy, ctx.run
         steps = total_steps(s, ctx.data.n_train)
         spec = trainer_spec(ctx, steps, self.option_values(s))
-        write_deepspeed(ctx)
+        launcher_files = write_launcher_files(ctx)
         path = run.native / SPEC
         atomic_write_text(path, json.dumps(spec, indent=2) + "\n")
-        argv = launcher_argv(s, [sys.executable], ["-m", "llfarm.trainer", str(path)])
-        return NativePlan(argv=argv, env=offline_env(ctx),
-                          cwd=run.root, files=[path], total_steps=steps,
+        argv = launcher_argv(ctx, [sys.executable], ["-m", "llfarm.trainer", str(path)])
+        return NativePlan(argv=argv, env={**offline_env(ctx), **launch_env(ctx)},
+                          cwd=run.root, files=[path, *launcher_files], total_steps=steps,
                           trainer=f"trl.{spec['trainer']}(args=trl.{spec['config']}(**{SPEC}['args']))")
 
     def collect(self, ctx: CompileContext) -> RunResult:
         run = ctx.run
         kind = "adapter" if ctx.strategy.is_peft else "model"
         return RunResult(output_kind=kind, output_dir=run.adapter if kind == "adapter" else run.model,
-                         final_metrics=read_json(run.native / "final_metrics.json"))
+                         final_metrics=read_json(run.final_metrics_path))
 
 
 backend = PytorchBackend()

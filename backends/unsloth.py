@@ -125,6 +125,8 @@ class UnslothBackend(Backend):
                                  "multi-GPU",
             "launcher:accelerate": "llfarm runs Unsloth as one process on one GPU; use --backend pytorch for "
                                    "multi-GPU",
+            "launcher:deepspeed": "llfarm runs Unsloth as one process on one GPU; use --backend pytorch for "
+                                  "DeepSpeed",
         },
         unsupported={
             "method.use_dora": "Unsloth's fast LoRA kernels do not implement DoRA",

@@ -157,6 +157,9 @@ class Backend:
                 f"{what} ({strategy.quantization} bitsandbytes) needs a CUDA GPU; this machine has "
                 f"{platform.accelerator}",
                 hint="use method.type: lora and model.quantization: none on this machine, or run on a CUDA GPU")
+        from .distributed import check_deepspeed, check_fsdp
+        check_deepspeed(strategy, platform)
+        check_fsdp(strategy, platform)
         from .training import CUDA_ONLY
         if platform.name != "cuda":
             for key, (values, why) in CUDA_ONLY.items():
@@ -221,16 +224,11 @@ def offline_env(ctx: CompileContext) -> dict[str, str]:
     return {"HF_HUB_OFFLINE": "1"} if Path(ctx.model_path).is_dir() else {}
 
 
-def launcher_argv(strategy: Strategy, python: list[str], entry: list[str]) -> list[str]:
-    """``python entry...`` under the strategy's launcher (torchrun / accelerate launch), or as it is."""
-    d = strategy.distributed
-    if d.launcher == "torchrun":
-        return [*python, "-m", "torch.distributed.run", f"--nproc_per_node={d.nproc_per_node}",
-                f"--nnodes={d.nnodes}", *entry]
-    if d.launcher == "accelerate":
-        return [*python, "-m", "accelerate.commands.launch", f"--num_processes={d.nproc_per_node}",
-                f"--num_machines={d.nnodes}", *entry]
-    return [*python, *entry]
+def launcher_argv(ctx: CompileContext, python: list[str], entry: list[str]) -> list[str]:
+    """``python -m entry...`` under the strategy's launcher (torchrun, accelerate launch, DeepSpeed's launcher),
+    or as it is: see llfarm.distributed."""
+    from .distributed import launch_argv
+    return launch_argv(ctx, python, entry)
 
 
 _PLANNING: ContextVar[bool] = ContextVar("llfarm_planning", default=False)

@@ -185,13 +185,22 @@ def backends() -> None:
 @click.option("--backend", "-b", help=BACKEND_HELP)
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help=SET_HELP)
 @click.option("--out", type=click.Path(path_type=Path), help="Keep the native files in this directory.")
-def plan(strategy: str, backend: str | None, overrides: tuple[str, ...], out: Path | None) -> None:
+@click.option("--emit", type=click.Choice(["slurm"]), help="Print a job script instead: slurm = an sbatch script "
+                                                           "that runs `llfarm run` (and so torchrun) on each of "
+                                                           "distributed.nnodes nodes.")
+@click.option("--output", "-o", type=click.Path(path_type=Path), default=Path("runs"), show_default=True,
+              help="--emit slurm: the folder of run directories the job writes (on a filesystem every node sees).")
+def plan(strategy: str, backend: str | None, overrides: tuple[str, ...], out: Path | None, emit: str | None,
+         output: Path) -> None:
     """Resolve, validate and compile a strategy; print the native config. Runs nothing."""
     import tempfile
 
     from .platform import detect
     from .runner import create_run, prepare_run
     from .strategy import resolve
+    if emit == "slurm":
+        _emit_slurm(strategy, backend, list(overrides), output)
+        return
     res = resolve(strategy, overrides)
     prep = prepare_run(res, backend, plan=True)
     with tempfile.TemporaryDirectory(prefix="llfarm-plan-") as tmp:
@@ -218,6 +227,54 @@ def plan(strategy: str, backend: str | None, overrides: tuple[str, ...], out: Pa
             click.echo(f.read_text(encoding="utf-8").rstrip("\n"))
         if out:
             click.echo(f"# written to {ctx.run}")
+
+
+SLURM_KEYS = ("distributed.node_rank", "distributed.rdzv_endpoint", "distributed.master_addr",
+              "distributed.master_port")
+
+
+def _emit_slurm(strategy: str, backend: str | None, overrides: list[str], output: Path) -> None:
+    """Print an sbatch script for the strategy's nnodes: each node runs `llfarm run` with the same run id, its
+    SLURM_NODEID as node_rank and the allocation's first node as the rendezvous host. The strategy is checked and
+    compiled here as every node will compile it, with the head node's address left to the job."""
+    import os
+    import tempfile
+
+    from .distributed import slurm_script
+    from .errors import UnsupportedError
+    from .runner import create_run, prepare_run
+    from .strategy import parse_set, raw_values, resolve
+
+    given = [o for o in overrides if parse_set(o)[0] not in SLURM_KEYS]
+    asked = raw_values(strategy, overrides).get("distributed") or {}        # the port, wherever it was set
+    endpoint = asked.get("rdzv_endpoint") if isinstance(asked, dict) else None
+    port = str(endpoint).rpartition(":")[2] if endpoint else str(asked.get("master_port") or 29500)
+    kept = raw_values(strategy, given).get("distributed") or {}             # what each node will read
+    clear_master = isinstance(kept, dict) and (kept.get("master_addr") is not None or
+                                               kept.get("master_port") is not None)
+    job = [f"distributed.rdzv_endpoint=$HEAD_NODE:{port}", "distributed.node_rank=0"]
+    if clear_master:
+        job += ["distributed.master_addr=null", "distributed.master_port=null"]
+    res = resolve(strategy, [*given, *job])
+    d = res.strategy.distributed
+    if d.launcher != "torchrun":
+        raise UnsupportedError(f"--emit slurm starts torchrun on every node; distributed.launcher is '{d.launcher}'",
+                               where="distributed.launcher", hint="--set distributed.launcher=torchrun")
+    prep = prepare_run(res, backend, plan=True)
+    out_abs = Path(os.path.abspath(output))
+    with tempfile.TemporaryDirectory(prefix="llfarm-slurm-") as tmp:
+        _, native = create_run(prep, Path(tmp), run_id="RUN_ID")
+        preview = native.command_line().replace(f"{tmp}/", f"{out_abs}/").replace("RUN_ID", "$LLFARM_RUN_ID")
+    preview = preview.split(" && ", 1)[-1].replace(f"'--rdzv-endpoint=$HEAD_NODE:{port}'",
+                                                   f"--rdzv-endpoint=$HEAD_NODE:{port}")   # without its `cd`
+    ref = str(res.file) if res.file and not _is_shipped(strategy) else strategy
+    click.echo(slurm_script(res.strategy, ref, prep.backend.name, given, out_abs, prep.platform, preview,
+                            workdir=Path.cwd(), clear_master=clear_master), nl=False)
+
+
+def _is_shipped(ref: str) -> bool:
+    from .strategy import shipped_strategies
+    return ref in shipped_strategies() and not Path(ref).is_file()
 
 
 @cli.command()
@@ -260,6 +317,12 @@ def _execute_and_finish(ctx, native, backend, verbose: bool, lock) -> None:
         click.echo(log_tail, err=True)
         raise TrainingFailed(f"the {backend.name} process exited with code {code}", where=str(run),
                              hint=failure_hint(run, log_tail))
+    if run.head_root is not None:         # another node of a multi-node run: the head collects the outputs
+        from .rundir import now_iso
+        run.update_manifest(status="completed", ended_at=now_iso())
+        click.echo(f"node {ctx.strategy.distributed.node_rank} done; the run directory is {run.head}", err=True)
+        click.echo(str(run))
+        return
     try:
         result = finish(ctx, backend)
     except KeyboardInterrupt as exc:      # training is done and checkpointed; collecting it was cut short

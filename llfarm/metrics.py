@@ -89,7 +89,7 @@ def trainer_callback(path: str | Path):
             reset_memory_peaks()
 
         def on_log(self, args, state, control, logs=None, **kw):
-            if not logs:
+            if not logs or not state.is_world_process_zero:   # one writer: global rank 0
                 return
             row = dict(logs)
             row["step"] = state.global_step

@@ -63,6 +63,10 @@ def resume_run(run: RunDir | Path, max_steps: int | None = None, *, from_start: 
         if not from_start:
             raise
         ckpt, step = None, 0
+    if prep.resolved.strategy.distributed.nnodes > 1:
+        raise RunError("llfarm resumes single-node runs; this run trained on "
+                       f"{prep.resolved.strategy.distributed.nnodes} nodes", where=str(run),
+                       hint="start every node again with `llfarm run` and a new --run-id")
     for partial, why in choice.skipped:
         shutil.rmtree(partial, ignore_errors=True)
         notes.append(f"removed {partial.name}: {why}")

@@ -42,12 +42,22 @@ class RunDir:
     later commands run from anywhere. ``shown`` is the path as the user gave it (``runs/<id>``), for messages."""
     root: Path
     shown: str = field(default="", compare=False)
+    # A node other than the head of a multi-node run keeps its own native files and logs here, and its training
+    # processes write outputs (metrics.jsonl, checkpoints/, adapter/, final metrics) into the head's run directory.
+    head_root: Path | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
         given = Path(self.root)
         object.__setattr__(self, "root", Path(os.path.abspath(given.expanduser())))
         if not self.shown:
             object.__setattr__(self, "shown", str(given))
+        if self.head_root is not None:
+            object.__setattr__(self, "head_root", Path(os.path.abspath(Path(self.head_root).expanduser())))
+
+    @property
+    def head(self) -> RunDir:
+        """The run directory that receives the outputs: this one, or the head node's for another node."""
+        return RunDir(self.head_root) if self.head_root is not None else self
 
     def __str__(self) -> str:
         return self.shown
@@ -79,6 +89,8 @@ class RunDir:
     def loss_png(self) -> Path: return self.root / "loss.png"
     @property
     def exports(self) -> Path: return self.root / "exports"
+    @property
+    def final_metrics_path(self) -> Path: return self.native / "final_metrics.json"
 
     def create(self) -> RunDir:
         for d in (self.root, self.native, self.logs, self.checkpoints):

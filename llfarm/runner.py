@@ -15,7 +15,7 @@ import subprocess
 import sys
 import threading
 import time
-from contextlib import nullcontext
+from contextlib import nullcontext, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -70,6 +70,9 @@ def prepare_run(resolved: Resolved, backend: str | None = None, *, plan: bool = 
         rows = [r for r in data.sample(2) if "messages" in r]
         check(list(strategy.preference.rewards), [template.render(r["messages"][:-1], add_generation_prompt=True)
                                                   for r in rows], [r["messages"][-1]["content"] for r in rows])
+    if not plan:
+        from .distributed import check_devices
+        check_devices(strategy, plat)
     steps = total_steps(strategy, data.n_train)
     if steps < 1:
         raise DataError(f"the strategy trains for zero steps ({data.n_train} examples, epochs "
@@ -139,7 +142,7 @@ def library_versions() -> dict[str, str | None]:
 def create_run(prep: Prepared, output: Path, run_id: str | None = None) -> tuple[CompileContext, NativePlan]:
     """Make the run directory and compile into it; on any error, leave nothing behind."""
     s = prep.resolved.strategy
-    run = run_dir_in(output, run_id if run_id is not None else new_run_id(s.name))
+    run = run_dir_for(s, output, run_id)
     if run.root.exists():
         raise RunError(f"run directory already exists: {run}", hint="pass another --run-id or --output")
     run.create()
@@ -151,6 +154,20 @@ def create_run(prep: Prepared, output: Path, run_id: str | None = None) -> tuple
     except BaseException:
         shutil.rmtree(run.root, ignore_errors=True)
         raise
+
+
+def run_dir_for(s, output: Path, run_id: str | None) -> RunDir:
+    """``<output>/<run-id>`` (a safe id, inside ``output``: :func:`run_dir_in`); on a node other than the head of a
+    multi-node run, ``<output>/<run-id>-node<K>`` (its native files and logs), writing outputs into the head's
+    ``<output>/<run-id>``."""
+    d = s.distributed
+    if d.nnodes > 1 and not run_id:
+        raise RunError(f"a {d.nnodes}-node run needs the same run id on every node", where="--run-id",
+                       hint="pass --run-id NAME (the same NAME on each node; it is also the rendezvous id)")
+    run = run_dir_in(output, run_id or new_run_id(s.name))
+    if d.nnodes > 1 and d.node_rank > 0:
+        return RunDir(Path(output) / f"{run.root.name}-node{d.node_rank}", head_root=run.root)
+    return run
 
 
 def compile_into(prep: Prepared, run: RunDir, resume_from: Path | None = None) -> tuple[CompileContext, NativePlan]:
@@ -181,9 +198,29 @@ def initial_manifest(prep: Prepared, run: RunDir, plan: NativePlan) -> dict[str,
         "data": prep.data.manifest(),
         "strategy_sha256": _sha256_text(run.strategy_path.read_text(encoding="utf-8")),
         "total_steps": plan.total_steps, "versions": library_versions(),
+        **distributed_manifest(s, run),
         "paths": {"native": "native", "logs": "logs", "metrics": "metrics.jsonl", "checkpoints": "checkpoints"},
         "created_at": now_iso(), "timings": {}, "final_metrics": {},
     }
+
+
+def distributed_manifest(s, run: RunDir) -> dict[str, Any]:
+    """What a multi-process run was asked for (the trainer records the world size it saw in final_metrics)."""
+    d = s.distributed
+    if d.launcher == "none":
+        return {}
+    info: dict[str, Any] = {"launcher": d.launcher, "nnodes": d.nnodes, "nproc_per_node": d.nproc_per_node,
+                            "world_size": d.world_size, "node_rank": d.node_rank, "rank_logs": "logs/ranks"}
+    if d.nnodes > 1:
+        info["rdzv_endpoint"] = d.endpoint
+    for key in ("deepspeed", "fsdp"):
+        if getattr(d, key) not in (None, "none"):
+            info[key] = getattr(d, key)
+    out: dict[str, Any] = {"distributed": info}
+    if run.head_root is not None:
+        out["role"] = "worker"
+        out["head_run"] = str(run.head.root)
+    return out
 
 
 def _sha256_text(text: str) -> str:
@@ -285,12 +322,12 @@ def execute_once(ctx: CompileContext, plan: NativePlan, *, verbose: bool = False
                         code = proc.wait(timeout=0.5)
                         break
                     except subprocess.TimeoutExpired:
-                        _update_progress(progress, task, run)
+                        _update_progress(progress, task, run.head)
                 except KeyboardInterrupt as exc:   # Ctrl-C, or SIGTERM/SIGHUP (cli.Terminated)
                     interrupted = getattr(exc, "signum", signal.SIGINT)
                     code = _stop(proc, interrupted)
                     break
-            _update_progress(progress, task, run)
+            _update_progress(progress, task, run.head)
         _signal(proc, signal.SIGKILL)      # whatever the backend left running in its group (one process tree)
         reader.join(timeout=5)
     elapsed = round(time.time() - started, 2)
@@ -306,13 +343,29 @@ def execute_once(ctx: CompileContext, plan: NativePlan, *, verbose: bool = False
 
 
 def _stop(proc: subprocess.Popen, signum: int) -> int:
-    """Forward the signal to the backend's process group; after 30 s (or a second signal), kill it."""
+    """Forward the signal to the backend's process group (a launcher passes it on to every rank it started);
+    after 30 s (or a second signal), kill the whole process tree: torchrun starts each rank in a session of its
+    own, out of reach of the group's signal."""
+    tree = descendants(proc.pid)
     _signal(proc, signum)
     try:
         return proc.wait(timeout=30)
     except (subprocess.TimeoutExpired, KeyboardInterrupt):
+        tree += descendants(proc.pid)
         _signal(proc, signal.SIGKILL)
+        for child in tree:
+            with suppress(Exception):   # gone already; psutil checks it is still the same process (pid + start)
+                child.kill()
         return proc.wait()
+
+
+def descendants(pid: int) -> list:
+    """psutil.Process objects of every process below ``pid`` (psutil comes with accelerate; [] without it)."""
+    try:
+        import psutil
+        return psutil.Process(pid).children(recursive=True)
+    except Exception:  # noqa: BLE001 - gone already, or no psutil
+        return []
 
 
 def mark_interrupted(run: RunDir, **changes: Any) -> None:

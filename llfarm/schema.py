@@ -208,10 +208,92 @@ class PreferenceSpec(Section):
 
 
 class DistributedSpec(Section):
-    launcher: Literal["none", "torchrun", "accelerate"] = Field("none", description="Multi-process launcher.")
-    nproc_per_node: int = Field(1, ge=1, le=1024, description="Processes (GPUs) per node.")
+    launcher: Literal["none", "torchrun", "accelerate", "deepspeed"] = Field(
+        "none", description="Multi-process launcher: torchrun (torch.distributed.run), accelerate launch, or "
+                            "DeepSpeed's own launcher. none = one process.")
+    nproc_per_node: int = Field(1, ge=1, le=1024, description="Processes per node (one per GPU; on CPU each "
+                                                              "process is a gloo rank).")
     nnodes: int = Field(1, ge=1, le=4096, description="Number of nodes.")
+    node_rank: int = Field(0, ge=0, le=4095, description="This node's rank; node 0 is the head: it owns the run "
+                                                         "directory and hosts the rendezvous.")
+    rdzv_endpoint: str | None = Field(None, description="HOST:PORT of the head node's torchrun c10d rendezvous "
+                                                        "(needed when nnodes > 1).")
+    master_addr: str | None = Field(None, description="The head node's address (the other spelling of "
+                                                      "rdzv_endpoint, as HOST with master_port).")
+    master_port: int | None = Field(None, ge=1, le=65535, description="The head node's rendezvous port (default "
+                                                                      "29500 with master_addr).")
     deepspeed: str | None = Field(None, description="DeepSpeed config: zero2, zero3, or a JSON path.")
+    offload: list[Literal["optimizer", "param"]] = Field(
+        default_factory=list, description="DeepSpeed ZeRO offload to CPU memory: optimizer (zero2, zero3), "
+                                          "param (zero3).")
+    fsdp: Literal["none", "full_shard", "shard_grad_op"] = Field(
+        "none", description="FSDP2 through accelerate (launcher: accelerate): full_shard reshards parameters "
+                            "after forward, shard_grad_op keeps them gathered until backward.")
+
+    @field_validator("rdzv_endpoint")
+    @classmethod
+    def _endpoint(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
+        host, sep, port = v.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError(f"must be HOST:PORT (e.g. 10.0.0.1:29500), received '{v}'")
+        return v
+
+    @property
+    def world_size(self) -> int:
+        return self.nproc_per_node * self.nnodes if self.launcher != "none" else 1
+
+    @property
+    def endpoint(self) -> str | None:
+        """HOST:PORT of the rendezvous (rdzv_endpoint, or master_addr:master_port)."""
+        if self.rdzv_endpoint:
+            return self.rdzv_endpoint
+        if self.master_addr:
+            return f"{self.master_addr}:{self.master_port or 29500}"
+        return None
+
+    def problems(self) -> list[tuple[str, str]]:
+        """(key, problem) for every combination of distributed keys that cannot run."""
+        out: list[tuple[str, str]] = []
+
+        def add(key: str, problem: str) -> None:
+            out.append((f"distributed.{key}", problem))
+
+        d = self
+        if d.launcher == "none":
+            for key in ("nproc_per_node", "nnodes"):
+                if getattr(d, key) > 1:
+                    add(key, f"is {getattr(d, key)}, but distributed.launcher is 'none' (one process): set "
+                             "distributed.launcher: torchrun")
+        if d.nnodes > 1 and d.endpoint is None:
+            add("rdzv_endpoint", f"is needed: nnodes is {d.nnodes}, and every node must reach the head's "
+                                 "rendezvous; set distributed.rdzv_endpoint: HEAD_HOST:29500 (or master_addr and "
+                                 "master_port)")
+        if d.rdzv_endpoint and (d.master_addr or d.master_port):
+            add("master_addr" if d.master_addr else "master_port",
+                "and distributed.rdzv_endpoint say the same thing: set only one of them")
+        elif d.master_port and not d.master_addr:
+            add("master_port", "needs distributed.master_addr (the head node's address)")
+        if d.node_rank >= d.nnodes:
+            add("node_rank", f"is {d.node_rank}, but nnodes is {d.nnodes}: node ranks are 0..{d.nnodes - 1}")
+        if d.offload and d.deepspeed not in ("zero2", "zero3"):
+            add("offload", "configures llfarm's zero2/zero3 DeepSpeed configs: set distributed.deepspeed: zero2 or "
+                           "zero3" + (" (a JSON config sets its own offload)" if d.deepspeed else ""))
+        elif "param" in d.offload and d.deepspeed != "zero3":
+            add("offload", "'param' offloads ZeRO-3's partitioned parameters: set distributed.deepspeed: zero3, or "
+                           "offload only the optimizer")
+        if d.launcher == "deepspeed" and not d.deepspeed:
+            add("deepspeed", "is needed by launcher 'deepspeed': set zero2, zero3 or a JSON path")
+        if d.launcher == "deepspeed" and d.nnodes > 1:
+            add("launcher", "'deepspeed' starts one node here (its multi-node mode needs pdsh and a hostfile): use "
+                            "launcher: torchrun with distributed.deepspeed for several nodes")
+        if d.fsdp != "none" and d.launcher != "accelerate":
+            add("fsdp", f"runs through accelerate, not launcher '{d.launcher}': set distributed.launcher: "
+                        "accelerate")
+        if d.fsdp != "none" and d.deepspeed:
+            add("fsdp", "and distributed.deepspeed both shard the model: choose one")
+        return out
 
 
 class ExportSpec(Section):
@@ -293,6 +375,8 @@ class Strategy(Section):
         self._check_best_and_stopping()
         if p.unpair and self.stage != "kto":
             raise combination("preference.unpair", f"turns pairs into KTO data; stage is '{self.stage}'")
+        for key, problem in self.distributed.problems()[:1]:
+            raise combination(key, problem)
         return self
 
     def _check_best_and_stopping(self) -> None:

@@ -362,6 +362,15 @@ def resolve(ref: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Res
     return Resolved(strategy=strategy, file=path, sources=sources)
 
 
+def raw_values(ref: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> dict[str, Any]:
+    """The merged values (extends + --set) before validation: for commands that fill in a value themselves."""
+    data, _ = _load_layers(find_strategy(str(ref)))
+    for item in overrides:
+        key, value = parse_set(item)
+        set_path(data, key, value)
+    return data
+
+
 def dump(resolved: Resolved) -> str:
     data = redact(resolved.strategy.model_dump(mode="json"))
     return yaml.safe_dump(data, sort_keys=False, allow_unicode=True)

@@ -58,6 +58,7 @@ def run(spec: dict[str, Any], load: Loader | None = None, *, extra_final: dict[s
         callbacks.append(stopper)
     callbacks.append(outcome_callback(outcome_path(spec["outputs"]["final_metrics"]), callbacks))
     trainer = build_trainer(spec, model, tokenizer, train, evals, peft_config, callbacks)
+    check_parallelism(spec, trainer)
     if spec.get("loraplus_lr_ratio"):
         trainer.optimizer = loraplus_optimizer(trainer, spec["loraplus_lr_ratio"])
     try:
@@ -69,13 +70,46 @@ def run(spec: dict[str, Any], load: Loader | None = None, *, extra_final: dict[s
             return oom.EXIT_CODE
         raise
     save(spec, trainer, tokenizer)
-    final = {"global_step": trainer.state.global_step,
-             "train_runtime": (getattr(result, "metrics", None) or {}).get("train_runtime"),
-             "num_input_tokens_seen": trainer.state.num_input_tokens_seen, **(extra_final or {})}
+    if not trainer.is_world_process_zero():    # under a launcher only global rank 0 writes the run's outputs
+        return 0
+    metrics = getattr(result, "metrics", None) or {}
+    final = {"global_step": trainer.state.global_step, "train_runtime": metrics.get("train_runtime"),
+             "train_loss": metrics.get("train_loss"),
+             "num_input_tokens_seen": trainer.state.num_input_tokens_seen, **(extra_final or {}),
+             **distributed_final(trainer.args, trainer)}
     if spec["stage"] == "rm":
         final["train_pair_accuracy"], final["train_pair_accuracy_n"] = rm_accuracy(trainer.model, train)
     Path(spec["outputs"]["final_metrics"]).write_text(json.dumps(final, indent=2) + "\n", encoding="utf-8")
     return 0
+
+
+def check_parallelism(spec: dict[str, Any], trainer) -> None:
+    """The launcher set up what the strategy asked for, or the run stops before training (never a silent
+    fallback, e.g. FSDP quietly trained as DDP)."""
+    want = spec.get("distributed") or {}
+    got = str(trainer.accelerator.distributed_type).rpartition(".")[2]
+    expected = "FSDP" if want.get("fsdp") else "DEEPSPEED" if want.get("deepspeed") else None
+    if expected and got != expected:
+        raise SystemExit(f"llfarm: the strategy asks for {expected}, but accelerate set up {got}")
+    if want.get("world_size", 1) != trainer.args.world_size:
+        raise SystemExit(f"llfarm: the strategy asks for {want['world_size']} processes, but the trainer sees "
+                         f"{trainer.args.world_size} (was it started by the launcher in native/command.txt?)")
+
+
+def distributed_final(args, trainer=None) -> dict[str, Any]:
+    """How many processes trained together, as the trainer saw them (world_size 1 for a single process), and how
+    (accelerate's distributed type: MULTI_CPU / MULTI_GPU for DDP, FSDP, DEEPSPEED)."""
+    import os
+    out: dict[str, Any] = {"world_size": args.world_size}
+    if args.world_size > 1:
+        import torch.distributed as dist
+        out["ddp_backend"] = dist.get_backend() if dist.is_initialized() else args.ddp_backend
+        out["nnodes"] = int(os.environ.get("GROUP_WORLD_SIZE", "1"))
+    if trainer is not None:
+        out["distributed_type"] = str(trainer.accelerator.distributed_type).rpartition(".")[2]
+        if out["distributed_type"] == "FSDP":
+            out["fsdp_version"] = trainer.accelerator.state.fsdp_plugin.fsdp_version
+    return out
 
 
 # ---------------------------------------------------------------- loading: transformers + PEFT
@@ -235,8 +269,9 @@ def save(spec, trainer, tokenizer) -> None:
     if gen is not None:
         gen.eos_token_id = tokenizer.eos_token_id
         gen.pad_token_id = tokenizer.pad_token_id
-    trainer.save_model(spec["outputs"]["dir"])
-    tokenizer.save_pretrained(spec["outputs"]["dir"])
+    trainer.save_model(spec["outputs"]["dir"])          # (the trainer saves on global rank 0 only)
+    if trainer.args.should_save:
+        tokenizer.save_pretrained(spec["outputs"]["dir"])
 
 
 def rm_accuracy(model, pairs, limit: int = 1000) -> tuple[float, int]:

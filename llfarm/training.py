@@ -56,6 +56,8 @@ HF_SOURCES = {
     "greater_is_better": "training.early_stopping (its metric) or training.keep_best",
     "load_best_model_at_end": "training.keep_best",
     "restore_callback_states_from_checkpoint": "training.early_stopping (resume keeps its patience count)",
+    "ddp_backend": "distributed.launcher (gloo on CPU)",
+    "ddp_find_unused_parameters": "distributed.launcher (llfarm: every trained parameter is used)",
 }
 # TrainingArguments llfarm sets to its own defaults; a backend's raw options may override them.
 HF_DEFAULTS: dict[str, Any] = {
@@ -115,8 +117,7 @@ TrainerOptions = options_model("TrainerOptions")
 # ---------------------------------------------------------------- pieces
 
 def world_size(s: Strategy) -> int:
-    d = s.distributed
-    return d.nproc_per_node * d.nnodes if d.launcher != "none" else 1
+    return s.distributed.world_size
 
 
 def total_steps(s: Strategy, n_train: int) -> int:
@@ -187,7 +188,7 @@ def training_arguments(ctx: CompileContext, steps: int) -> dict[str, Any]:
     s, tr = ctx.strategy, ctx.strategy.training
     has_eval = ctx.data.n_eval > 0
     args: dict[str, Any] = {
-        "output_dir": str(ctx.run.checkpoints),
+        "output_dir": str(ctx.run.head.checkpoints),
         "num_train_epochs": float(tr.epochs), "max_steps": tr.max_steps or -1,
         "per_device_train_batch_size": tr.batch_size, "per_device_eval_batch_size": tr.batch_size,
         "gradient_accumulation_steps": tr.grad_accum, "learning_rate": tr.learning_rate,
@@ -216,6 +217,11 @@ def training_arguments(ctx: CompileContext, steps: int) -> dict[str, Any]:
         args["deepspeed"] = str(ctx.run.native / "deepspeed.json")
     if s.stage == "ppo":   # PPO counts episodes: steps x the prompts each step takes
         args["total_episodes"] = steps * tr.batch_size * tr.grad_accum * world_size(s)
+    if s.distributed.world_size > 1:
+        # gloo on CPU (nccl, transformers' default, on CUDA); every LoRA/trained parameter takes part in each step
+        if ctx.platform.name == "cpu":
+            args["ddp_backend"] = "gloo"
+        args["ddp_find_unused_parameters"] = False
     assert set(args) <= set(HF_SOURCES) | set(HF_DEFAULTS), set(args) - set(HF_SOURCES) - set(HF_DEFAULTS)
     return args
 
@@ -347,7 +353,7 @@ def check_reward_model(s: Strategy, value_head: bool) -> None:
 
 def trainer_spec(ctx: CompileContext, steps: int, options: dict[str, Any] | None = None) -> dict[str, Any]:
     """Everything the shared trainer child needs, as JSON: the strategy mapped once, nothing left implicit."""
-    s, run = ctx.strategy, ctx.run
+    s, out = ctx.strategy, ctx.run.head          # outputs go to the head node's run directory
     trainer, config = TRAINERS[s.stage]
     return {
         "stage": s.stage, "trainer": trainer, "config": config,
@@ -365,42 +371,15 @@ def trainer_spec(ctx: CompileContext, steps: int, options: dict[str, Any] | None
         "freeze": {"trainable_layers": s.method.trainable_layers} if s.method.type == "freeze" else None,
         "args": {**training_arguments(ctx, steps), **stage_arguments(s), **(options or {})},
         "data": data_spec(ctx),
-        "outputs": {"dir": str(run.adapter if s.is_peft else run.model), "metrics": str(run.metrics_path),
-                    "final_metrics": str(run.native / "final_metrics.json")},
+        "outputs": {"dir": str(out.adapter if s.is_peft else out.model), "metrics": str(out.metrics_path),
+                    "final_metrics": str(out.final_metrics_path)},
         "early_stopping": early_stopping_arguments(s),
         "resume_from": str(ctx.resume_from) if ctx.resume_from else None,
         "total_steps": steps,
+        "distributed": {"world_size": s.distributed.world_size, "fsdp": s.distributed.fsdp != "none",
+                        "deepspeed": s.distributed.deepspeed is not None},
     }
 
-
-
-def write_deepspeed(ctx: CompileContext) -> None:
-    """distributed.deepspeed → native/deepspeed.json (what training_arguments points at): zero2 / zero3 as a
-    standard DeepSpeed config with "auto" values the HF integration fills in; a user's JSON is copied as given."""
-    import json
-
-    from .errors import StrategyError
-    from .rundir import atomic_write_text
-
-    spec = ctx.strategy.distributed.deepspeed
-    if spec is None:
-        return
-    path = ctx.run.native / "deepspeed.json"
-    if spec in ("zero2", "zero3"):
-        stage = int(spec[-1])
-        config = {"train_batch_size": "auto", "train_micro_batch_size_per_gpu": "auto",
-                  "gradient_accumulation_steps": "auto", "gradient_clipping": "auto",
-                  "bf16": {"enabled": "auto"}, "fp16": {"enabled": "auto"},
-                  "zero_optimization": {"stage": stage, "overlap_comm": True, "contiguous_gradients": True,
-                                        **({"stage3_gather_16bit_weights_on_model_save": True} if stage == 3 else {})}}
-        atomic_write_text(path, json.dumps(config, indent=2) + "\n")
-        return
-    from pathlib import Path
-    src = Path(spec)
-    if not src.is_file():
-        raise StrategyError([f"DeepSpeed config not found: {spec}"], where="distributed.deepspeed",
-                            hint="use zero2, zero3, or a path to a DeepSpeed JSON file")
-    atomic_write_text(path, src.read_text(encoding="utf-8"))
 
 
 def tracking_env(s: Strategy, run) -> dict[str, str]:

@@ -298,14 +298,17 @@ def test_precision_on_cpu(tmp_path):
     assert c["fp16"] is True and c["use_cpu"] is True and c["bf16"] is False
 
 
-def test_cuda_qlora_bf16_and_torchrun(tmp_path, on_cuda):
+def test_cuda_qlora_bf16_and_torchrun(tmp_path, on_cuda, monkeypatch):
+    monkeypatch.setattr("llfarm.distributed.cuda_device_count", lambda: 2)     # as if the machine had 2 GPUs
     ctx, plan, c, _ = compile_case(tmp_path / "q", "sft", "qlora", ["distributed.launcher=torchrun",
                                                                    "distributed.nproc_per_node=2"])
     assert ctx.precision == "bf16" and c["bf16"] is True and c["use_cpu"] is False
     assert (c["finetuning_type"], c["quantization_bit"], c["quantization_method"]) == ("lora", 4, "bnb")
     assert c["quantization_type"] == "nf4" and c["double_quantization"] is True
-    assert plan.argv[1:5] == ["-m", "torch.distributed.run", "--nproc_per_node=2", "--nnodes=1"]
-    assert plan.argv[5:7] == ["-m", "llfarm.backends.llamafactory.entry"]
+    assert plan.argv[1:6] == ["-m", "torch.distributed.run", "--nproc-per-node=2", "--nnodes=1", "--standalone"]
+    assert plan.argv[plan.argv.index("-m", 3):][:2] == ["-m", "llfarm.backends.llamafactory.entry"]
+    assert plan.env["PYTORCH_CUDA_ALLOC_CONF"] == "expandable_segments:True"   # as LlamaFactory's launcher sets
+    assert c["ddp_find_unused_parameters"] is False and "ddp_backend" not in c    # nccl: transformers' default
     _, _, c, _ = compile_case(tmp_path / "q8", "sft", "lora", ["model.quantization=8bit"])
     assert c["quantization_bit"] == 8
 

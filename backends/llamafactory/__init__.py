@@ -21,6 +21,7 @@ import sys
 from typing import Any
 
 from llfarm.backend import Backend, Capabilities, CompileContext, NativePlan, RunResult, launcher_argv, offline_env
+from llfarm.distributed import launch_env, write_launcher_files
 from llfarm.errors import RunError, UnsupportedError
 from llfarm.redact import SECRET_OPTIONS_ENV, split_secret_options
 from llfarm.rundir import atomic_write_text, read_json
@@ -61,8 +62,11 @@ class LlamaFactoryBackend(Backend):
         },
         reasons={
             "platform:mps": "llfarm has not verified LlamaFactory 0.9.5 on Apple MPS; the pytorch backend has",
-            "launcher:accelerate": "LlamaFactory launches multi-process training through torchrun; "
-                                   "use distributed.launcher: torchrun",
+            "launcher:accelerate": "LlamaFactory launches multi-process training through torchrun (its "
+                                   "FORCE_TORCHRUN path); use distributed.launcher: torchrun",
+            "launcher:deepspeed": "LlamaFactory launches multi-process training through torchrun (its "
+                                  "FORCE_TORCHRUN path), DeepSpeed included; use distributed.launcher: torchrun "
+                                  "with distributed.deepspeed",
             # LlamaFactory drops resume_from_checkpoint for rm full/freeze ("Cannot resume from checkpoint in
             # current stage") and does not restore the value head of an rm LoRA checkpoint.
             "resume:rm": "LlamaFactory 0.9.5 does not restore a reward model's value head from a checkpoint; "
@@ -107,14 +111,6 @@ class LlamaFactoryBackend(Backend):
             raise UnsupportedError("LlamaFactory 0.9.5 cannot initialise PiSSA on a quantized model (its own "
                                    "scripts/pissa_init.py does that first)", where="method.init",
                                    hint="use method.init: default with QLoRA, or --backend pytorch")
-        if s.distributed.deepspeed:
-            raise UnsupportedError("llfarm does not write DeepSpeed configs for LlamaFactory yet",
-                                   where="distributed.deepspeed",
-                                   hint="remove distributed.deepspeed, or run LlamaFactory by hand with "
-                                        "`deepspeed:` added to native/llamafactory_train.yaml")
-        if s.distributed.launcher == "torchrun" and platform.name != "cuda":
-            raise UnsupportedError("multi-process LlamaFactory training needs CUDA GPUs here",
-                                   where="distributed.launcher", hint="use distributed.launcher: none on CPU")
         stop = s.training.early_stopping
         if stop is not None and stop.threshold != 0:
             raise UnsupportedError("LlamaFactory 0.9.5's early_stopping_steps makes transformers' "
@@ -138,15 +134,17 @@ class LlamaFactoryBackend(Backend):
         steps = total_steps(s, ctx.data.n_train)
         template = lf_template_for(load_template(s.template), conversation_cases(ctx.data))
         datasets = write_datasets(ctx.data, run.native)
+        launcher_files = write_launcher_files(ctx)
         options, secrets = split_secret_options(self.option_values(s))   # secrets travel by environment only
         config = build_config(ctx, steps, template, options)
         yaml_path = run.native / TRAIN_YAML
-        atomic_write_text(yaml_path, render_yaml(config))
-        entry = ["-m", "llfarm.backends.llamafactory.entry", str(yaml_path), "--metrics", str(run.metrics_path),
-                 "--final", str(run.native / "final_metrics.json"), "--template", s.template]
-        return NativePlan(argv=launcher_argv(s, [sys.executable], entry),
-                          env={"DISABLE_VERSION_CHECK": "1", **offline_env(ctx)}, cwd=run.root,
-                          files=[yaml_path, datasets], total_steps=steps,
+        atomic_write_text(yaml_path, render_yaml(config, s.distributed))
+        out = run.head                  # outputs go to the head node's run directory
+        entry = ["-m", "llfarm.backends.llamafactory.entry", str(yaml_path), "--metrics", str(out.metrics_path),
+                 "--final", str(out.final_metrics_path), "--template", s.template]
+        return NativePlan(argv=launcher_argv(ctx, [sys.executable], entry),
+                          env={"DISABLE_VERSION_CHECK": "1", **offline_env(ctx), **launch_env(ctx)}, cwd=run.root,
+                          files=[yaml_path, datasets, *launcher_files], total_steps=steps,
                           secret_env={SECRET_OPTIONS_ENV: json.dumps(secrets)} if secrets else {},
                           trainer=f"llamafactory run_exp(stage {s.stage}) with {TRAIN_YAML}")
 
@@ -189,7 +187,7 @@ def final_metrics(run) -> dict[str, Any]:
     for k, v in results.items():
         if k == "train_runtime" or k.startswith("eval_"):
             out[k] = v
-    out.update(read_json(run.native / "final_metrics.json"))
+    out.update(read_json(run.final_metrics_path))
     return out
 
 

@@ -216,11 +216,23 @@ def build_config(ctx, steps: int, template_name: str, options: dict[str, Any]) -
     return c.sections
 
 
-def render_yaml(config: dict[str, dict[str, Any]]) -> str:
+def by_hand_env(distributed) -> str:
+    """The environment LlamaFactory's own launcher (FORCE_TORCHRUN) reads to start the same processes."""
+    d = distributed
+    if d is None or d.launcher == "none":
+        return "DISABLE_VERSION_CHECK=1"
+    env = f"FORCE_TORCHRUN=1 NPROC_PER_NODE={d.nproc_per_node}"
+    if d.nnodes > 1:
+        host, _, port = (d.endpoint or "").rpartition(":")
+        env += f" NNODES={d.nnodes} NODE_RANK={d.node_rank} MASTER_ADDR={host} MASTER_PORT={port}"
+    return env + " DISABLE_VERSION_CHECK=1"
+
+
+def render_yaml(config: dict[str, dict[str, Any]], distributed=None) -> str:
     import yaml
-    parts = [f"# LlamaFactory {known()['llamafactory']} training config written by llfarm (one flat namespace; "
-             "the ### lines are comments).",
-             "# By hand: DISABLE_VERSION_CHECK=1 llamafactory-cli train <this file>",
+    parts = [(f"# LlamaFactory {known()['llamafactory']} training config written by llfarm (one flat namespace; "
+              "the ### lines are comments)."),
+             f"# By hand: {by_hand_env(distributed)} llamafactory-cli train <this file>",
              "# llfarm's own command (the same training, plus metrics.jsonl and the run directory): command.txt"]
     for title, section in config.items():
         parts.append(f"\n### {title}")

@@ -98,7 +98,8 @@ def main(argv: list[str] | None = None) -> int:
 
     if training_args.should_save:
         tokenizer_saver.save(training_args.output_dir)
-        final: dict[str, Any] = {}
+        from llfarm.trainer import distributed_final
+        final: dict[str, Any] = distributed_final(training_args)
         if rm_stats is not None and rm_stats.train_pair_accuracy is not None:
             final["train_pair_accuracy"] = rm_stats.train_pair_accuracy
         Path(opts.final).write_text(json.dumps(final, indent=2) + "\n", encoding="utf-8")
