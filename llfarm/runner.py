@@ -161,10 +161,10 @@ def run_dir_for(s, output: Path, run_id: str | None) -> RunDir:
     multi-node run, ``<output>/<run-id>-node<K>`` (its native files and logs), writing outputs into the head's
     ``<output>/<run-id>``."""
     d = s.distributed
-    if d.nnodes > 1 and not run_id:
+    if d.nnodes > 1 and run_id is None:
         raise RunError(f"a {d.nnodes}-node run needs the same run id on every node", where="--run-id",
                        hint="pass --run-id NAME (the same NAME on each node; it is also the rendezvous id)")
-    run = run_dir_in(output, run_id or new_run_id(s.name))
+    run = run_dir_in(output, run_id if run_id is not None else new_run_id(s.name))   # "" is refused there
     if d.nnodes > 1 and d.node_rank > 0:
         return RunDir(Path(output) / f"{run.root.name}-node{d.node_rank}", head_root=run.root)
     return run
