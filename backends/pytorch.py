@@ -1,4 +1,4 @@
-"""The plain PyTorch backend: transformers + PEFT + TRL (SFTTrainer, DPOTrainer, RewardTrainer).
+"""The plain PyTorch backend: transformers + PEFT + TRL (SFT, DPO, ORPO, CPO/SimPO, KTO, Reward, PPO, GRPO trainers).
 
 compile writes ``native/trainer.json`` — the spec of llfarm's shared training layer (``llfarm.training``): the
 exact TrainingArguments/SFTConfig, LoraConfig, BitsAndBytesConfig and dtype — and the command
@@ -21,7 +21,7 @@ SPEC = "trainer.json"
 
 class PytorchBackend(Backend):
     name = "pytorch"
-    summary = "transformers + PEFT + TRL (SFTTrainer, DPOTrainer, RewardTrainer); CPU, CUDA, MPS"
+    summary = "transformers + PEFT + TRL (SFT, DPO, ORPO, CPO/SimPO, KTO, Reward, PPO, GRPO trainers); CPU, CUDA, MPS"
     priority = 20
     default = True
     extra = None

@@ -209,7 +209,7 @@ def fast_cases() -> list[Case]:
     add("wrong type", s, strat(GOOD.replace("batch_size: 4", "batch_size: four")), refused("training.batch_size"))
     add("out of range", s, strat(GOOD.replace("max_steps: 2", "max_steps: 0")), refused("training.max_steps"))
     add("huge batch", s, strat(GOOD.replace("batch_size: 4", "batch_size: 1000000000")), refused("batch_size"))
-    add("unknown stage", s, strat(GOOD + "stage: ppo\n"), refused("'stage'"))
+    add("unknown stage", s, strat(GOOD + "stage: sfft\n"), refused("'stage'"))
     add("unknown method", s, strat(GOOD + "method: {type: adapter}\n"), refused("method.type"))
     add("malformed YAML", s, strat(GOOD + "training: [unclosed\n"), refused("malformed YAML"))
     add("YAML list, not mapping", s, strat("- a\n- b\n"), refused("expected a mapping"))
