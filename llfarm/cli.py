@@ -834,6 +834,8 @@ class PipeSafe:
 def main() -> None:
     for sig in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, _terminate)
+    if hasattr(signal, "pthread_sigmask"):   # a mask inherited from the parent (blocked around a fork) would
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM, signal.SIGHUP})  # hide Ctrl-C
     sys.stdout, sys.stderr = PipeSafe(sys.stdout), PipeSafe(sys.stderr)
     cli(prog_name="llfarm")
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -36,6 +37,17 @@ def llfarm(*args: str, cwd: Path | None = None, env: dict[str, str] | None = Non
 @pytest.fixture
 def cli():
     return llfarm
+
+
+@pytest.fixture(autouse=True)
+def _sigint_as_a_terminal_gives_it():
+    """Every test starts llfarm with Ctrl-C as a terminal delivers it: a library used in-process by an earlier test
+    may leave SIGINT ignored or blocked in this process, and children inherit both (the SIGINT tests then failed
+    only after other tests, never alone)."""
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    if hasattr(signal, "pthread_sigmask"):
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
+    yield
 
 
 def process_gone(pid: int) -> bool:
