@@ -19,6 +19,7 @@ from typing import Any
 
 from .errors import RunError
 from .rundir import RunDir
+from .runlock import derived_status
 
 ENDED = ("completed", "failed", "interrupted", "crashed")
 TAIL_BYTES = 64 * 1024
@@ -127,9 +128,10 @@ def snapshot(run: RunDir, now: float | None = None) -> Snapshot:
     except RunError:
         manifest = {}
     rows = tail_metrics(run.metrics_path)
-    status = run.status()
-    if status in ("completed", "failed", "interrupted") and run.liveness() == "running" \
-            and run.lock_info().get("command") in ("run", "resume"):
+    live = run.liveness()                     # the manifest, the lock and its holder: each read once
+    holder = run.lock_info() if live == "running" else {}
+    status = derived_status(manifest.get("status"), live)
+    if status in ("completed", "failed", "interrupted") and holder.get("command") in ("run", "resume"):
         status = "finishing"                  # trained; the llfarm process still collects or exports
     last = rows[-1] if rows else {}
     step = last.get("step")
@@ -148,7 +150,7 @@ def snapshot(run: RunDir, now: float | None = None) -> Snapshot:
         learning_rate=_last(rows, "learning_rate"), tokens_per_s=_last(rows, "tokens_per_s"), memory_mb=memory,
         eta_s=eta(rows, total) if status == "running" else None, created_at=manifest.get("created_at"),
         age_s=round(now - created, 1) if created else None, eval=ev,
-        pid=run.lock_info().get("pid") if status in ("running", "finishing") else None)
+        pid=holder.get("pid") if status in ("running", "finishing") else None)
 
 
 def _last(rows: list[dict[str, Any]], key: str) -> Any:

@@ -35,7 +35,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import LLFARM, llfarm, manifest, metrics, one_line_error, process_gone, write
+from conftest import LLFARM, llfarm, manifest, metrics, one_line_error, process_gone, wait_for, write
 
 SECRET = "hf_llfarmRELIABILITYtokenABCDEFGHIJKLMN"        # $HF_TOKEN in these tests
 OTHER = "wandb-0123456789abcdef0123456789abcdef"           # $WANDB_API_KEY
@@ -88,15 +88,6 @@ def trained(tmp_path_factory) -> Path:
 def copy_run(src: Path, dest: Path) -> Path:
     shutil.copytree(src, dest, symlinks=True)
     return dest
-
-
-def wait_for(predicate, timeout: float = 180, what: str = "condition") -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if predicate():
-            return
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def steps_logged(run: Path) -> int:

@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import LLFARM, llfarm, manifest, metrics, one_line_error, process_gone
+from conftest import LLFARM, llfarm, manifest, metrics, one_line_error, process_gone, wait_for
 
 STEPS = "training.max_steps=40"
 
@@ -20,15 +20,6 @@ def runs_json(cwd: Path, *args: str) -> list[dict]:
     proc = llfarm("runs", "--json", *args, cwd=cwd)
     assert proc.returncode == 0, proc.stderr
     return json.loads(proc.stdout)
-
-
-def wait_for(predicate, timeout: float = 300, what: str = "") -> None:
-    end = time.time() + timeout
-    while time.time() < end:
-        if predicate():
-            return
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def test_detach_returns_at_once_and_monitor_follows_to_the_end(tmp_path):
@@ -78,7 +69,8 @@ def test_monitor_follows_a_foreground_run_from_another_terminal(tmp_path):
     fg = subprocess.Popen([LLFARM, "run", "quickstart", "--run-id", "fg", "--set", "training.max_steps=20"],
                           cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        wait_for(lambda: (tmp_path / "runs" / "fg" / "manifest.json").exists(), what="the run directory")
+        wait_for(lambda: (tmp_path / "runs" / "fg" / "manifest.json").exists(), timeout=300,
+                 what="the run directory")
         other = tmp_path / "elsewhere"
         other.mkdir()
         mon = llfarm("monitor", "../runs/fg", cwd=other)
@@ -97,7 +89,7 @@ def test_a_run_whose_llfarm_process_was_killed_shows_as_crashed(tmp_path):
                   "--set", "training.save_every=2", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     run = tmp_path / "runs" / "k"
-    wait_for(lambda: any(r.get("step", 0) >= 3 for r in _rows(run)), what="three logged steps")
+    wait_for(lambda: any(r.get("step", 0) >= 3 for r in _rows(run)), timeout=300, what="three logged steps")
     info = json.loads((run / "run.lock").read_text())
     (row,) = runs_json(tmp_path)
     assert row["status"] == "running" and row["pid"] == info["pid"]
