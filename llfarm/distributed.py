@@ -298,7 +298,9 @@ def slurm_script(s: Strategy, strategy_ref: str, backend: str, overrides: list[s
         "set -euo pipefail",
         "",
         f'export LLFARM="${{LLFARM:-{llfarm}}}"',
-        'HEAD_NODE="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)"',
+        # sed reads every line (head -n 1 would leave scontrol writing into a closed pipe: SIGPIPE, and pipefail
+        # turns that into the job's exit status 141)
+        'HEAD_NODE="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | sed -n 1p)"',
         "export HEAD_NODE",
         f'export LLFARM_RUN_ID="${{LLFARM_RUN_ID:-${{SLURM_JOB_ID}}-{s.name}}}"',
         "",

@@ -304,7 +304,21 @@ def test_emit_slurm_writes_an_sbatch_script_for_n_nodes(tmp_path):
     given = [node[i + 1] for i, w in enumerate(node) if w == "--set"]
     assert given[-2:] == ["distributed.node_rank=$SLURM_NODEID", "distributed.rdzv_endpoint=$HEAD_NODE:29500"]
     assert "distributed.nnodes=4" in given and "export.formats=[]" in given
-    assert 'HEAD_NODE="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)"' in text
+    assert 'HEAD_NODE="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | sed -n 1p)"' in text
+
+
+def test_the_head_node_is_found_in_a_long_node_list(tmp_path):
+    """The script's preamble (set -euo pipefail, HEAD_NODE) with a scontrol that lists 20,000 hosts: a reader that
+    stops after the first line (head -n 1) leaves scontrol writing into a closed pipe, and pipefail made that the
+    job's exit status 141 (seen in CI with two hosts, where it is a race)."""
+    text = slurm_script(tmp_path)
+    preamble = text[:text.index("srun ")] + 'echo "head=$HEAD_NODE"\n'
+    bin_dir = tmp_path / "bin"
+    write(bin_dir / "scontrol", "#!/bin/sh\necho n00001\nseq 2 20000 | sed 's/^/node-/'\n").chmod(0o755)
+    done = subprocess.run(["bash", "-c", preamble], cwd=tmp_path, capture_output=True, text=True, check=False,
+                          env=dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", SLURM_JOB_ID="7",
+                                   SLURM_JOB_NODELIST="n[00001-20000]"))
+    assert (done.returncode, done.stdout.strip()) == (0, "head=n00001"), done.stderr
 
 
 def test_emit_slurm_keeps_the_strategys_port_and_refuses_other_launchers(tmp_path):
