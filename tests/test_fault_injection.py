@@ -48,7 +48,7 @@ def wait_until(predicate, timeout: float = 300) -> None:
     while time.time() < deadline:
         if predicate():
             return
-        time.sleep(0.1)
+        time.sleep(0.02)        # a one-thread step of the tiny model takes ~0.1 s: look often
     raise AssertionError("timed out")
 
 
