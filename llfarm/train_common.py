@@ -60,6 +60,20 @@ def render_preference_batch(batch: dict[str, list], template: ChatTemplate, toke
             "chosen": list(batch["chosen"]), "rejected": list(batch["rejected"])}
 
 
+def render_turns_batch(batch: dict[str, list], template: ChatTemplate, tokenizer, max_length: int = 0
+                       ) -> dict[str, list[str]]:
+    """ORPO/SimPO: the prompt rendered up to the answer and each answer as the template renders the assistant turn
+    (its end of turn included, e.g. ``Paris.<|im_end|>\\n``): the text SFT and LlamaFactory train on. The trainer
+    tokenizes them apart and adds nothing (``llfarm.trainer.template_tokenized``)."""
+    prompts, chosen, rejected = [], [], []
+    for p, c, r in zip(batch["prompt"], batch["chosen"], batch["rejected"], strict=True):
+        prompt, answer = split_sft(template, [*p, {"role": "assistant", "content": c}], tokenizer)
+        prompts.append(prompt)
+        chosen.append(answer)
+        rejected.append(split_sft(template, [*p, {"role": "assistant", "content": r}], tokenizer)[1])
+    return {"prompt": prompts, "chosen": chosen, "rejected": rejected}
+
+
 def tokenize_pairs_batch(batch: dict[str, list], template: ChatTemplate, tokenizer, max_length: int
                          ) -> dict[str, list[list[int]]]:
     """chosen/rejected token ids (prompt + answer + end of turn) for TRL's RewardTrainer."""
@@ -107,7 +121,7 @@ def tokenize_prompts_batch(batch: dict[str, list], template: ChatTemplate, token
 
 
 BATCH_FUNCTIONS = {"sft": tokenize_sft_batch, "pt": tokenize_text_batch, "dpo": render_preference_batch,
-                   "orpo": render_preference_batch, "simpo": render_preference_batch, "kto": render_kto_batch,
+                   "orpo": render_turns_batch, "simpo": render_turns_batch, "kto": render_kto_batch,
                    "rm": tokenize_pairs_batch, "grpo": render_prompts_batch, "ppo": tokenize_prompts_batch}
 
 

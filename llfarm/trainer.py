@@ -218,7 +218,39 @@ def build_trainer(spec, model, tokenizer, train, evals, peft_config, callbacks):
         from .rewards import load
         return trainer_cls(model=model, reward_funcs=[load(r) for r in spec["rewards"]], eval_dataset=evals, **common)
     extra = {"ref_model": None} if stage in ("dpo", "kto") else {}   # the reference is the base (adapter off)
+    if stage in ("orpo", "simpo"):
+        trainer_cls = template_tokenized(trainer_cls)
     return trainer_cls(model=model, eval_dataset=evals, **common, **extra)
+
+
+def template_tokenized(trainer_cls):
+    """ORPOTrainer/CPOTrainer that take the template's text as it is: the rendered prompt and each rendered answer
+    (``render_turns_batch``) tokenized apart, nothing added. TRL's own ``tokenize_row`` puts the tokenizer's bos
+    before the prompt and its eos after the bare answer, so its answers lacked the template's text after the end of
+    turn and its prompts began with a bos the template (and SFT, and generation) never uses: 18.5% apart from
+    LlamaFactory's SimPO loss on the same data. Truncation follows TRL's (keep the prompt's end, then cut the
+    answers)."""
+
+    class TemplateTokenized(trainer_cls):
+        def tokenize_row(self, feature, model=None) -> dict:
+            tok = self.processing_class
+            prompt = tok(feature["prompt"], add_special_tokens=False)["input_ids"]
+            answers = {k: tok(feature[k], add_special_tokens=False)["input_ids"] for k in ("chosen", "rejected")}
+            longest = max(len(a) for a in answers.values())
+            if len(prompt) + longest > self.max_length:
+                prompt = prompt[-self.max_prompt_length:] if self.truncation_mode == "keep_end" \
+                    else prompt[:self.max_prompt_length]
+            row = {"prompt_input_ids": prompt, "prompt_attention_mask": [1] * len(prompt)}
+            for k, ids in answers.items():
+                if len(prompt) + longest > self.max_length:
+                    ids = ids[:self.max_length - self.max_prompt_length]
+                row[f"{k}_input_ids"] = prompt + ids
+                row[f"{k}_attention_mask"] = [1] * (len(prompt) + len(ids))
+                row[f"{k}_labels"] = [self.label_pad_token_id] * len(prompt) + ids
+            return row
+
+    TemplateTokenized.__name__ = TemplateTokenized.__qualname__ = trainer_cls.__name__
+    return TemplateTokenized
 
 
 def ppo_trainer(spec, model, tokenizer, train, peft_config, callbacks, args):

@@ -292,7 +292,7 @@ def quantization_arguments(s: Strategy) -> dict[str, Any] | None:
     return None
 
 
-TOKENIZATION_VERSION = 1     # bump when llfarm.train_common changes what it makes of a row
+TOKENIZATION_VERSION = 2     # bump when llfarm.train_common changes what it makes of a row (2: orpo/simpo answers as rendered turns)
 
 
 def data_spec(ctx: CompileContext) -> dict[str, Any]:

@@ -38,6 +38,65 @@ def test_each_stage_compiles_to_its_trl_trainer(tmp_path, strategy, trainer, key
     assert {k: spec["args"][k] for k in keys} == keys
 
 
+def pairs(n: int = 4) -> list[dict]:
+    from llfarm.resources import BUILTIN_DATA
+    rows = [json.loads(line) for line in BUILTIN_DATA["preference"].read_text().splitlines()[:n]]
+    return [{**r, "prompt": [{"role": "user", "content": r["prompt"]}]} for r in rows]
+
+
+def llfarm_pair_ids(trainer: str, rows: list[dict], max_length: int = 64, max_prompt_length: int = 32):
+    """What the pytorch backend's ORPOTrainer/CPOTrainer trains on: render_turns_batch, then its tokenize_row."""
+    from types import SimpleNamespace
+
+    import trl
+    from transformers import AutoTokenizer
+
+    from llfarm.resources import BUILTIN_MODELS
+    from llfarm.templates import load_template
+    from llfarm.train_common import render_turns_batch, tokenizer_for_template
+    from llfarm.trainer import template_tokenized
+
+    template = load_template("chatml")
+    tok = tokenizer_for_template(AutoTokenizer.from_pretrained(BUILTIN_MODELS["tiny-llama"]), template)
+    batch = render_turns_batch({k: [r[k] for r in rows] for k in ("prompt", "chosen", "rejected")}, template, tok)
+    this = SimpleNamespace(processing_class=tok, max_length=max_length, max_prompt_length=max_prompt_length,
+                           truncation_mode="keep_end", label_pad_token_id=-100,
+                           is_encoder_decoder=False)
+    cls = template_tokenized(getattr(trl, trainer))
+    this.build_tokenized_answer = lambda prompt, answer: cls.build_tokenized_answer(this, prompt, answer)
+    return tok, [cls.tokenize_row(this, dict(zip(batch, v, strict=True))) for v in zip(*batch.values(), strict=True)]
+
+
+@pytest.mark.parametrize("trainer", ["CPOTrainer", "ORPOTrainer"])
+def test_orpo_and_simpo_train_on_llamafactorys_token_ids(trainer):
+    """The same ids as LlamaFactory's pairwise processor: the template's prompt without a bos, each answer with the
+    template's end of turn (`<|im_end|>\\n`), the prompt masked in the labels. TRL's own tokenize_row added a bos
+    and replaced the end of turn with the bare eos — SimPO ended 18.5% apart from LlamaFactory on the same data."""
+    lf_data = pytest.importorskip("llamafactory.data")
+    from llamafactory.hparams import DataArguments
+
+    rows = pairs()
+    tok, ours = llfarm_pair_ids(trainer, rows)
+    template = lf_data.get_template_and_fix_tokenizer(tok, DataArguments(template="chatml"))
+    for row, got in zip(rows, ours, strict=True):
+        for k in ("chosen", "rejected"):
+            prompt, answer = template.encode_oneturn(tok, [*row["prompt"], {"role": "assistant", "content": row[k]}])
+            assert got[f"{k}_input_ids"] == prompt + answer
+            assert got[f"{k}_labels"] == [-100] * len(prompt) + answer
+            assert tok.decode(answer) == row[k] + "<|im_end|>\n"
+        assert got["prompt_input_ids"] == prompt and tok.bos_token_id not in prompt
+
+
+def test_orpo_and_simpo_truncate_the_prompts_start_then_the_answers():
+    rows = pairs(1)
+    rows[0]["prompt"][0]["content"] = "word " * 80
+    rows[0]["chosen"] = "yes " * 80
+    _, [got] = llfarm_pair_ids("CPOTrainer", rows, max_length=48, max_prompt_length=24)
+    assert len(got["prompt_input_ids"]) == 24 and len(got["chosen_input_ids"]) == 48
+    assert got["prompt_input_ids"][-3:] == got["chosen_input_ids"][21:24]        # the prompt's end is kept
+    assert got["chosen_labels"][:24] == [-100] * 24 and -100 not in got["chosen_labels"][24:]
+
+
 @pytest.mark.parametrize("strategy,lf", [
     ("pretrain", {"stage": "pt", "packing": False}),
     ("orpo", {"stage": "dpo", "pref_loss": "orpo", "pref_beta": 0.1}),
