@@ -140,13 +140,6 @@ def tokenize_sft(rows: list[dict[str, Any]], template: ChatTemplate, tokenizer, 
     return out, len(rows) - len(out)
 
 
-def render_preference(rows: list[dict[str, Any]], template: ChatTemplate, tokenizer) -> list[dict[str, str]]:
-    if not rows:
-        return []
-    b = render_preference_batch(_columns(rows), template, tokenizer)
-    return [dict(zip(b, v, strict=True)) for v in zip(*b.values(), strict=True)]
-
-
 def tokenize_pairs(rows: list[dict[str, Any]], template: ChatTemplate, tokenizer, max_length: int
                    ) -> list[dict[str, list[int]]]:
     if not rows:
