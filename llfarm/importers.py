@@ -137,12 +137,25 @@ def _axolotl_special(c: dict[str, Any], out: Imported, base: Path) -> None:
         out.set("method.target_modules", "all")
     if "rl" in c:
         rl = c.pop("rl")
-        if rl in ("dpo", "ipo"):
-            out.set("stage", "dpo")
+        if rl in ("dpo", "ipo", "orpo", "kto", "simpo", "grpo"):
+            out.set("stage", "dpo" if rl == "ipo" else rl)
             if rl == "ipo":
                 out.set("preference.loss", "ipo")
         else:
-            out.not_mapped["rl"] = f"llfarm's stages are sft, dpo, rm; not '{rl}'"
+            out.not_mapped["rl"] = f"llfarm's preference stages are dpo, ipo, orpo, kto, simpo, grpo; not '{rl}'"
+        trl = c.pop("trl", None) or {}
+        for key, value in trl.items() if isinstance(trl, dict) else ():
+            if key == "beta":
+                out.set("preference.beta", float(value))
+            elif key == "reward_funcs" and rl == "grpo":
+                # Axolotl names module.function; llfarm's form is module:function (or a built-in)
+                out.set("preference.rewards", [f if ":" in f else ":".join(f.rsplit(".", 1)) for f in names(value)])
+            elif key == "num_generations":
+                out.set("preference.num_generations", int(value))
+            elif key == "max_completion_length":
+                out.set("preference.max_new_tokens", int(value))
+            else:
+                out.not_mapped[f"trl.{key}"] = "no llfarm equivalent"
     if c.pop("reward_model", False):
         out.set("stage", "rm")
     bf16, fp16 = c.pop("bf16", None), c.pop("fp16", None)
@@ -199,7 +212,10 @@ AXOLOTL = Importer(
         "neftune_noise_alpha": ("training.neftune_alpha", float), "group_by_length": ("training.group_by_length", bool),
         "dataloader_num_workers": ("training.dataloader_workers", int), "deepspeed": ("distributed.deepspeed", str),
         "wandb_name": ("tracking.run_name", str), "dpo_beta": ("preference.beta", float),
-        "rl_beta": ("preference.beta", float),
+        "rl_beta": ("preference.beta", float), "orpo_alpha": ("preference.beta", float),
+        "simpo_gamma": ("preference.simpo_gamma", float),
+        "kto_desirable_weight": ("preference.desirable_weight", float),
+        "kto_undesirable_weight": ("preference.undesirable_weight", float),
         "attn_implementation": ("training.attention", lambda v: one_of_values(("sdpa", "eager",
                                                                                  "flash_attention_2"))(v)),
     },

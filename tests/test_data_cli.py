@@ -132,24 +132,54 @@ def test_a_strategy_may_be_json(tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize("backend", ["pytorch", "llamafactory"])
 def test_runs_share_the_data_and_token_caches_and_copy_nothing(tmp_path, backend):
-    from llfarm.data import cache_root
-    write(tmp_path / "d.jsonl", "".join(ALPACA.splitlines(keepends=True)[:24]) + '{"instruction": "%s", '
-          '"output": "x"}\n' % backend)                  # data no other test uses: the first run makes the caches
+    cache = tmp_path / "cache"                      # this test's own cache: other tests (other workers) write theirs
+    env = {"LLFARM_CACHE": str(cache)}
+    write(tmp_path / "d.jsonl", "".join(ALPACA.splitlines(keepends=True)[:24]))
     sets = ["--set", "data.train=d.jsonl", "--set", "training.max_steps=3", "--set", "export.formats=[]"]
-    first = run_dir_from(llfarm("run", "quickstart", "--backend", backend, "--run-id", "a", *sets, cwd=tmp_path))
-    files_after_first = {p for p in cache_root().rglob("*") if p.is_file()}
-    second = run_dir_from(llfarm("run", "quickstart", "--backend", backend, "--run-id", "b", *sets, cwd=tmp_path))
+    first = run_dir_from(llfarm("run", "quickstart", "--backend", backend, "--run-id", "a", *sets, cwd=tmp_path,
+                                env=env))
+    files_after_first = {p for p in cache.rglob("*") if p.is_file()}
+    assert [p for p in files_after_first if "/tokens/" in str(p)], "the first run made no token cache"
+    second = run_dir_from(llfarm("run", "quickstart", "--backend", backend, "--run-id", "b", *sets, cwd=tmp_path,
+                                 env=env))
     for run in (first, second):
         run = tmp_path / run
         assert not (run / "native" / "data").exists(), "the run copies no data"
-        assert manifest(run)["data"]["train"].startswith(str(cache_root()))
-    new = {p for p in cache_root().rglob("*") if p.is_file()} - files_after_first
+        assert manifest(run)["data"]["train"].startswith(str(cache))
+    new = {p for p in cache.rglob("*") if p.is_file()} - files_after_first
     assert not [p for p in new if "/data/" in str(p) or "/tokens/" in str(p)], \
         f"the second run wrote data or tokens again: {sorted(map(str, new))[:5]}"
     log = (tmp_path / second / "logs" / "train.log").read_text()
     assert ("from the token cache" in log) if backend == "pytorch" else ("Loaded tokenized dataset" in log)
     assert manifest(tmp_path / first)["final_metrics"]["final_loss"] == \
         manifest(tmp_path / second)["final_metrics"]["final_loss"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", ["pytorch", "llamafactory"])
+def test_two_runs_at_once_on_the_same_new_data_tokenize_it_once(tmp_path, backend):
+    """Two runs started together on the same data and an empty cache: both train to the same loss, and the token
+    cache is written once (LlamaFactory's tokenized_path is held by the run that writes it; the other waits, then
+    loads it) — never half-read or removed under the writer."""
+    import os
+    import subprocess
+
+    from conftest import LLFARM
+    cache = tmp_path / "cache"
+    write(tmp_path / "d.jsonl", "".join(ALPACA.splitlines(keepends=True)[:24]))
+    env = dict(os.environ, LLFARM_CACHE=str(cache))
+    procs = [subprocess.Popen([LLFARM, "run", "quickstart", "--backend", backend, "--run-id", rid, "--set",
+                               "data.train=d.jsonl", "--set", "training.max_steps=3", "--set", "export.formats=[]"],
+                              cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for rid in ("a", "b")]
+    outs = [p.communicate(timeout=600) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [err[-2000:] for _, err in outs]
+    runs = [tmp_path / "runs" / rid for rid in ("a", "b")]
+    assert len({manifest(r)["final_metrics"]["final_loss"] for r in runs}) == 1
+    if backend == "llamafactory":
+        logs = [(r / "logs" / "train.log").read_text() for r in runs]
+        assert sorted("Loaded tokenized dataset" in log for log in logs) == [False, True], \
+            "one run tokenizes and saves, the other loads what it saved"
 
 
 def _bad_sources(tmp_path):

@@ -212,18 +212,27 @@ def test_packing_reduces_the_steps(tmp_path):
 
 # ---------------------------------------------------------------- llfarm import
 
-def test_import_round_trips_a_llamafactory_plan(tmp_path):
-    """Importing the YAML `llfarm plan --backend llamafactory` wrote gives back an equivalent strategy: every value
-    resolves the same, and its data reads as the same examples."""
+ROUND_TRIPS = {
+    "cpu_lora_sft": ["method.use_dora=true", "training.optimizer=adamw_torch", "training.neftune_alpha=5",
+                     "data.eval_split=0.25", "training.warmup_steps=3", "method.modules_to_save=[lm_head]"],
+    "pretrain": [], "dpo": ["preference.loss=ipo", "preference.beta=0.3"], "orpo": ["preference.beta=0.2"],
+    "simpo": ["preference.simpo_gamma=0.7"], "kto": ["preference.undesirable_weight=1.5"], "reward_model": [],
+}
+
+
+@pytest.mark.parametrize("name", ROUND_TRIPS)
+def test_import_round_trips_a_llamafactory_plan(tmp_path, name):
+    """Importing the YAML `llfarm plan --backend llamafactory` wrote gives back an equivalent strategy, for every
+    stage LlamaFactory runs (ORPO and SimPO are its dpo stage with another pref_loss): every value resolves the same,
+    and its data reads as the same examples."""
     from llfarm.data import prepare
-    sets = ["method.use_dora=true", "training.optimizer=adamw_torch", "training.neftune_alpha=5",
-            "data.eval_split=0.25", "training.warmup_steps=3", "method.modules_to_save=[lm_head]"]
-    args = ["plan", "cpu_lora_sft", "--backend", "llamafactory", "--out", "p", *[x for s in sets for x in ("--set", s)]]
+    sets = ROUND_TRIPS[name]
+    args = ["plan", name, "--backend", "llamafactory", "--out", "p", *[x for s in sets for x in ("--set", s)]]
     assert llfarm(*args, cwd=tmp_path).returncode == 0
     proc = llfarm("import", "p/native/llamafactory_train.yaml", "-o", "back.yaml", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert "not mapped" not in proc.stderr, proc.stderr
-    original = resolve("cpu_lora_sft", sets).strategy
+    original = resolve(name, sets).strategy
     back = resolve(str(tmp_path / "back.yaml")).strategy
     from llfarm.training import model_dtype
     a, b = original.model_dump(), back.model_dump()
@@ -292,6 +301,26 @@ push_to_hub: true
     s = resolve(str(tmp_path / "trl.llfarm.yaml")).strategy
     assert (s.stage, s.preference.beta, s.method.type, s.method.target_modules, s.data.train) == \
         ("dpo", 0.1, "lora", "all", "hf:trl-lib/ultrafeedback_binarized")
+
+
+@pytest.mark.parametrize("rl, extra, expect", [
+    ("orpo", "orpo_alpha: 0.2\n", {"stage": "orpo", "beta": 0.2}),
+    ("simpo", "simpo_gamma: 0.8\nrl_beta: 2.0\n", {"stage": "simpo", "beta": 2.0, "simpo_gamma": 0.8}),
+    ("kto", "kto_undesirable_weight: 1.5\n", {"stage": "kto", "undesirable_weight": 1.5}),
+    ("ipo", "", {"stage": "dpo", "loss": "ipo"}),
+    ("grpo", "trl:\n  beta: 0.04\n  num_generations: 8\n  reward_funcs: [rewards.format_reward, exact_match]\n",
+     {"stage": "grpo", "beta": 0.04, "num_generations": 8, "rewards": ["rewards:format_reward", "exact_match"]}),
+])
+def test_import_axolotl_preference_stages(tmp_path, rl, extra, expect):
+    """Axolotl's `rl:` stages become llfarm's stages, with their own knobs."""
+    write(tmp_path / "pairs.jsonl", '{"prompt": "a", "chosen": "b", "rejected": "c"}\n')
+    write(tmp_path / "axo.yml", f"base_model: HuggingFaceTB/SmolLM2-135M\nadapter: lora\nrl: {rl}\n{extra}"
+                                "datasets:\n  - path: pairs.jsonl\n")
+    proc = llfarm("import", "axo.yml", "-o", "s.yaml", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "not mapped" not in proc.stderr, proc.stderr
+    got = yaml.safe_load((tmp_path / "s.yaml").read_text())
+    assert {k: got["stage"] if k == "stage" else got["preference"][k] for k in expect} == expect
 
 
 def test_import_bad_input(tmp_path):

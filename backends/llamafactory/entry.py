@@ -125,26 +125,45 @@ def _callback_base():
 TOKENIZED_MARKER = "llfarm-complete"
 
 
-def guard_tokenized_path(path: str) -> Path:
+def guard_tokenized_path(path: str) -> tuple[Path, int | None]:
     """LlamaFactory loads ``tokenized_path`` whenever the folder is not empty, and writes it in place: a run killed
-    while saving leaves half a dataset. A folder without llfarm's marker is such a leftover: remove it, so
-    LlamaFactory tokenizes again."""
+    while saving leaves half a dataset, and a second run on the same data that starts while the first is saving
+    would load (or remove) a folder being written. So the process that saves (global rank 0) holds an exclusive
+    ``flock`` on ``<folder>.lock`` from here until the dataset is complete (marked at train begin, or its death):
+    a second run waits for it, then loads. A folder without llfarm's marker found under the lock is a dead run's
+    leftover: removed, so LlamaFactory tokenizes again. Returns the folder and the held lock's descriptor."""
     import shutil
     folder = Path(path)
-    if folder.exists() and not (folder / TOKENIZED_MARKER).is_file():
-        shutil.rmtree(folder, ignore_errors=True)
-    return folder
+    fd = None
+    if os.environ.get("RANK", "0") == "0":
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(f"{folder}.lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            import fcntl
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except ImportError:  # pragma: no cover - no flock (Windows): one run at a time is the user's to keep
+            pass
+        if folder.exists() and not (folder / TOKENIZED_MARKER).is_file():
+            shutil.rmtree(folder, ignore_errors=True)
+        if (folder / TOKENIZED_MARKER).is_file():
+            os.close(fd)                     # complete: nothing to guard
+            fd = None
+    return folder, fd
 
 
 class TokenizedComplete(_callback_base()):
-    """Marks the tokenized dataset complete once training starts (LlamaFactory has saved it by then)."""
+    """Marks the tokenized dataset complete once training starts (LlamaFactory has saved it by then), and lets a
+    waiting run on the same data go on."""
 
-    def __init__(self, folder: Path) -> None:
-        self.folder = folder
+    def __init__(self, guarded: tuple[Path, int | None]) -> None:
+        self.folder, self.lock_fd = guarded
 
     def on_train_begin(self, args, state, control, **kw):
         if state.is_world_process_zero and self.folder.is_dir():
             (self.folder / TOKENIZED_MARKER).write_text("complete\n", encoding="utf-8")
+        if self.lock_fd is not None:
+            os.close(self.lock_fd)
+            self.lock_fd = None
 
 
 class TemplateTokenizer(_callback_base()):

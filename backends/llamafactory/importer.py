@@ -16,7 +16,6 @@ from llfarm.importers import (
     Imported,
     Importer,
     names,
-    one_of_values,
     optimizer,
     positive_or_none,
     report_to,
@@ -52,6 +51,7 @@ def _special(c: dict[str, Any], out: Imported, base: Path) -> None:
         out.set("training.save_every", None)
     if c.get("max_samples") is None:
         c.pop("max_samples", None)
+    _stage_and_loss(c, out)
     _best(c, out)
     folder = Path(c.pop("dataset_dir", "data"))
     folder = folder if folder.is_absolute() else base / folder
@@ -101,6 +101,10 @@ def _source(name: str, folder: Path, out: Imported, key: str) -> str | None:
         out.not_mapped[f"{key}: {name}"] = "dataset_info names no file_name or hf_hub_url"
         return None
     columns = entry.get("columns") or {}
+    if out.strategy.get("stage") == "pt":       # LlamaFactory's pretraining text is its prompt column
+        if columns.get("prompt", "text") != "text":
+            out.set("data.columns", {"text": columns["prompt"]})
+        columns = {}
     custom = {k: v for k, v in columns.items() if k in ("prompt", "query", "response") and
               v != {"prompt": "instruction", "query": "input", "response": "output"}[k]}
     if custom:
@@ -110,8 +114,26 @@ def _source(name: str, folder: Path, out: Imported, key: str) -> str | None:
     return str(path if path.is_absolute() else (folder / path).resolve())
 
 
-def _stage(v: Any) -> str:
-    return one_of_values(("sft", "dpo", "rm"))(v)
+def _stage_and_loss(c: dict[str, Any], out: Imported) -> None:
+    """LlamaFactory's stage + pref_loss → llfarm's stage (the inverse of build_config: ORPO and SimPO are its dpo
+    stage with another preference loss)."""
+    stage, loss = c.pop("stage", None), c.pop("pref_loss", None)
+    if stage is not None:
+        if stage not in ("pt", "sft", "dpo", "kto", "rm"):
+            why = "llfarm runs PPO on the pytorch backend (preference.reward_model: an rm run)" if stage == "ppo" \
+                else f"llfarm's LlamaFactory stages are pt, sft, dpo, kto, rm; not '{stage}'"
+            out.not_mapped["stage"] = why
+        elif stage == "dpo" and loss in ("orpo", "simpo"):
+            out.set("stage", loss)
+            loss = None
+        else:
+            out.set("stage", stage)
+    if loss is not None:
+        if loss in ("sigmoid", "hinge", "ipo"):
+            out.set("preference.loss", loss)
+        else:
+            out.not_mapped["pref_loss"] = (f"'{loss}' with stage '{stage}': llfarm's preference losses are sigmoid, "
+                                           "hinge, ipo (stage dpo), or stage orpo / simpo")
 
 
 def _target(v: Any) -> Any:
@@ -125,13 +147,14 @@ IMPORTER = Importer(
     rules={
         "model_name_or_path": ("model.path", None), "model_revision": ("model.revision", None),
         "trust_remote_code": ("model.trust_remote_code", bool), "quantization_type": ("model.quant_type", str),
-        "double_quantization": ("model.double_quant", bool), "stage": ("stage", _stage),
+        "double_quantization": ("model.double_quant", bool),
         "lora_rank": ("method.r", int), "lora_alpha": ("method.alpha", int), "lora_dropout": ("method.dropout", float),
         "lora_target": ("method.target_modules", _target), "freeze_trainable_layers": ("method.trainable_layers", int),
         "use_dora": ("method.use_dora", bool), "use_rslora": ("method.use_rslora", bool),
         "loraplus_lr_ratio": ("method.loraplus_lr_ratio", float), "additional_target": ("method.modules_to_save", names),
-        "pref_beta": ("preference.beta", float),
-        "pref_loss": ("preference.loss", one_of_values(("sigmoid", "hinge", "ipo"))),
+        "pref_beta": ("preference.beta", float), "simpo_gamma": ("preference.simpo_gamma", float),
+        "kto_chosen_weight": ("preference.desirable_weight", float),
+        "kto_rejected_weight": ("preference.undesirable_weight", float),
         "template": ("template", template_name), "cutoff_len": ("data.max_length", int),
         "max_samples": ("data.max_samples", int), "val_size": ("data.eval_split", float),
         "default_system": ("data.system", str), "num_train_epochs": ("training.epochs", float),
