@@ -328,10 +328,12 @@ def _execute_and_finish(ctx, native, backend, verbose: bool, lock) -> None:
     except KeyboardInterrupt as exc:      # training is done and checkpointed; collecting it was cut short
         mark_interrupted(run)
         _interrupted(run, 128 + getattr(exc, "signum", signal.SIGINT))
-    fm = run.read_manifest().get("final_metrics", {})
+    from .stopping import ending_note
+    manifest = run.read_manifest()
+    fm = manifest.get("final_metrics", {})
     if "first_loss" in fm:
         click.echo(f"loss {fm['first_loss']:.4f} → {fm['final_loss']:.4f} over {fm.get('steps')} steps; "
-                   f"{result.output_kind}: {run.show(result.output_dir)}", err=True)
+                   f"{result.output_kind}: {run.show(result.output_dir)}{ending_note(manifest)}", err=True)
     spec = ctx.strategy.export
     if spec.formats:
         _do_export(run, list(spec.formats), spec.quant, None, spec.name, spec.ollama_template, spec.ollama_base)

@@ -25,6 +25,7 @@ from .backend import Backend, CompileContext, NativePlan, RunResult, choose_back
 from .data import PreparedData, prepare
 from .errors import DataError, ExportError, LlfarmError, RunError
 from .models import check_model, resolve_model
+from .oom import EXIT_CODE
 from .platform import Platform, detect, resolve_precision
 from .redact import redact_text, secret_values
 from .rundir import RunDir, atomic_write_text, new_run_id, now_iso, run_dir_in
@@ -249,6 +250,7 @@ def execute(ctx: CompileContext, plan: NativePlan, *, verbose: bool = False, loc
     When the process ran out of memory during training, the run backs off (llfarm.oom: a smaller per-device batch,
     the same effective batch, from the newest complete checkpoint) and goes on: ``ctx`` and ``plan`` are updated in
     place to the attempt that ran last. TrainingFailed when no back-off is left."""
+    from .errors import TrainingFailed
     from .oom import backoff, clear
 
     def say(line: str) -> None:               # on stderr and in the log
@@ -263,12 +265,17 @@ def execute(ctx: CompileContext, plan: NativePlan, *, verbose: bool = False, loc
         if code == 0 or ctx.run.read_manifest().get("status") == "interrupted":
             break
         try:
-            if not backoff(ctx, plan, say):
-                break
+            retried = backoff(ctx, plan, say)
         except KeyboardInterrupt as exc:      # Ctrl-C while the back-off prepares the next attempt
             signum = getattr(exc, "signum", signal.SIGINT)
             mark_interrupted(ctx.run, signal=signal.Signals(signum).name)
             return 128 + signum
+        except TrainingFailed:
+            mark_failed(ctx.run, code)
+            raise
+        if not retried:
+            mark_failed(ctx.run, code)
+            break
     if ctx.run.read_manifest().get("oom_backoffs"):     # train_s: every attempt, not only the last
         m = ctx.run.read_manifest()
         ctx.run.update_manifest(timings=dict(m.get("timings", {}), train_s=round(time.time() - started, 2)))
@@ -335,11 +342,16 @@ def execute_once(ctx: CompileContext, plan: NativePlan, *, verbose: bool = False
     if interrupted is not None:
         mark_interrupted(run, timings=timings, signal=signal.Signals(interrupted).name)
         return 128 + interrupted
-    if code != 0:
-        run.update_manifest(status="failed", exit_code=code, timings=timings, ended_at=now_iso())
-    else:
-        run.update_manifest(exit_code=0, timings=timings)
+    if code not in (0, EXIT_CODE):
+        mark_failed(run, code, timings=timings)
+    else:                                  # EXIT_CODE: out of memory; execute() backs off (still running) or fails
+        run.update_manifest(exit_code=code, timings=timings)
     return code
+
+
+def mark_failed(run: RunDir, code: int, **fields: Any) -> None:
+    if run.read_manifest().get("status") != "failed":
+        run.update_manifest(status="failed", exit_code=code, ended_at=now_iso(), **fields)
 
 
 def _stop(proc: subprocess.Popen, signum: int) -> int:

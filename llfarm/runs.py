@@ -240,7 +240,8 @@ def ending(run: RunDir, s: Snapshot) -> tuple[str, int]:
                 if "first_loss" in fm else f"{s.step or 0} steps")
         out = (manifest.get("paths") or {}).get("output")
         where = f"; {manifest.get('output_kind', 'output')}: {run.show(run.root / out)}" if out else ""
-        return f"{s.id}: completed — {loss}{where}", 0
+        from .stopping import ending_note
+        return f"{s.id}: completed — {loss}{where}{ending_note(manifest)}", 0
     if s.status == "failed":
         return (f"{s.id}: failed (exit code {manifest.get('exit_code')}) — see "
                 f"{run.show(run.logs / 'train.log')}"), 1

@@ -90,3 +90,18 @@ def manifest_fields(native: Path, strategy) -> dict[str, Any]:
                        "checkpoint": f"checkpoints/{o['best_checkpoint']}" if o.get("best_checkpoint") else None,
                        "output_is_best": o["loaded_best"]}
     return out
+
+
+def ending_note(manifest: dict[str, Any]) -> str:
+    """What early stopping and keep_best did, for the line that ends a run (`run`, `resume`, `monitor`): empty when
+    the strategy asked for neither."""
+    notes = []
+    stopped = manifest.get("early_stopped")
+    if stopped:
+        notes.append(f"stopped early at step {stopped['step']} of {stopped['max_steps']}: {stopped['metric']} "
+                     f"best at step {stopped['best_step']} ({stopped['best_metric']:.4f}), then {stopped['patience']} "
+                     "evaluations without improvement")
+    best = manifest.get("best")
+    if best and best.get("output_is_best"):
+        notes.append(f"the output is the best checkpoint (step {best['step']}, {best['metric']} {best['value']:.4f})")
+    return "".join(f"; {n}" for n in notes)

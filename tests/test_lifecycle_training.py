@@ -63,6 +63,8 @@ def early_stopped_run(tmp_path: Path, backend: str) -> Path:
     assert proc.returncode == 0, proc.stderr[-3000:]
     shown = proc.stdout.strip().splitlines()[-1]
     assert shown.startswith("runs/"), shown                   # the run directory as the user named it
+    ended = next(ln for ln in proc.stderr.splitlines() if " over " in ln and "steps" in ln)
+    assert "; stopped early at step " in ended and "; the output is the best checkpoint (step " in ended, ended
     return tmp_path / shown
 
 
@@ -126,9 +128,28 @@ def uninterrupted(tmp_path_factory) -> float:
 @pytest.mark.slow
 @pytest.mark.parametrize("backend", ["pytorch", "llamafactory"])
 def test_oom_backoff_continues_from_the_checkpoint(tmp_path, uninterrupted, backend):
-    proc = llfarm("run", "quickstart", "--backend", backend, "-o", str(tmp_path), "--run-id", "r", *OOM_SETTINGS,
-                  env={"LLFARM_FAULT_OOM_AT_STEP": "7"})
+    statuses = []                                # what `llfarm runs` / `monitor` would read meanwhile
+
+    def watch(stop):
+        while not stop.is_set():
+            try:
+                statuses.append(json.loads((tmp_path / "r" / "manifest.json").read_text())["status"])
+            except (OSError, ValueError, KeyError):
+                pass
+            stop.wait(0.02)
+
+    import threading
+    stop = threading.Event()
+    watcher = threading.Thread(target=watch, args=(stop,))
+    watcher.start()
+    try:
+        proc = llfarm("run", "quickstart", "--backend", backend, "-o", str(tmp_path), "--run-id", "r", *OOM_SETTINGS,
+                      env={"LLFARM_FAULT_OOM_AT_STEP": "7"})
+    finally:
+        stop.set()
+        watcher.join()
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "running" in statuses and "failed" not in statuses, sorted(set(statuses))
     assert ("llfarm: out of memory at step 7 with batch_size 8 × grad_accum 1: backing off to batch_size 4 × "
             "grad_accum 2 (back-off 1 of 2), from checkpoint-4") in proc.stderr
     run = tmp_path / "r"
