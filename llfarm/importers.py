@@ -124,6 +124,29 @@ def scheduler(v: Any) -> str:
     return one_of_values(tuple(choices))(v)
 
 
+# ---------------------------------------------------------------- Hugging Face TrainingArguments (TRL, LlamaFactory)
+
+# The model and TrainingArguments keys that TRL's configs and LlamaFactory's YAML both take under transformers' names.
+HF_TRAINER_RULES: Rules = {
+    "model_name_or_path": ("model.path", None), "model_revision": ("model.revision", None),
+    "trust_remote_code": ("model.trust_remote_code", bool), "use_dora": ("method.use_dora", bool),
+    "use_rslora": ("method.use_rslora", bool), "packing": ("training.packing", bool),
+    "num_train_epochs": ("training.epochs", float), "max_steps": ("training.max_steps", positive_or_none),
+    "per_device_train_batch_size": ("training.batch_size", int),
+    "gradient_accumulation_steps": ("training.grad_accum", int), "learning_rate": ("training.learning_rate", float),
+    "lr_scheduler_type": ("training.scheduler", scheduler), "warmup_ratio": ("training.warmup_ratio", float),
+    "warmup_steps": ("training.warmup_steps", int), "weight_decay": ("training.weight_decay", float),
+    "max_grad_norm": ("training.max_grad_norm", float), "seed": ("training.seed", int),
+    "gradient_checkpointing": ("training.gradient_checkpointing", bool), "optim": ("training.optimizer", optimizer),
+    "adam_beta1": ("training.adam_beta1", float), "adam_beta2": ("training.adam_beta2", float),
+    "adam_epsilon": ("training.adam_epsilon", float), "tf32": ("training.tf32", bool),
+    "dataloader_num_workers": ("training.dataloader_workers", int), "deepspeed": ("distributed.deepspeed", str),
+    "logging_steps": ("training.logging_steps", int), "save_steps": ("training.save_every", int),
+    "save_total_limit": ("training.keep_checkpoints", int), "eval_steps": ("training.eval_every", int),
+    "report_to": ("tracking.report_to", report_to), "run_name": ("tracking.run_name", str),
+}
+
+
 # ---------------------------------------------------------------- Axolotl
 
 def _axolotl_special(c: dict[str, Any], out: Imported, base: Path) -> None:
@@ -260,24 +283,11 @@ TRL = Importer(
     detect=lambda c: "dataset_name" in c or "use_peft" in c or "lora_r" in c and "model_name_or_path" in c,
     special=_trl_special,
     rules={
-        "model_name_or_path": ("model.path", None), "model_revision": ("model.revision", None),
-        "trust_remote_code": ("model.trust_remote_code", bool), "lora_r": ("method.r", int),
-        "lora_alpha": ("method.alpha", int), "lora_dropout": ("method.dropout", float),
+        **HF_TRAINER_RULES,
+        "lora_r": ("method.r", int), "lora_alpha": ("method.alpha", int), "lora_dropout": ("method.dropout", float),
         "lora_target_modules": ("method.target_modules", lambda v: "all" if v == "all-linear" else names(v)),
-        "use_dora": ("method.use_dora", bool), "use_rslora": ("method.use_rslora", bool),
         "max_length": ("data.max_length", int), "max_seq_length": ("data.max_length", int),
-        "packing": ("training.packing", bool), "num_train_epochs": ("training.epochs", float),
-        "max_steps": ("training.max_steps", positive_or_none),
-        "per_device_train_batch_size": ("training.batch_size", int),
-        "gradient_accumulation_steps": ("training.grad_accum", int), "learning_rate": ("training.learning_rate", float),
-        "lr_scheduler_type": ("training.scheduler", scheduler), "warmup_ratio": ("training.warmup_ratio", float),
-        "warmup_steps": ("training.warmup_steps", int), "weight_decay": ("training.weight_decay", float),
-        "max_grad_norm": ("training.max_grad_norm", float), "seed": ("training.seed", int),
-        "gradient_checkpointing": ("training.gradient_checkpointing", bool), "optim": ("training.optimizer", optimizer),
-        "logging_steps": ("training.logging_steps", int), "save_steps": ("training.save_every", int),
-        "save_total_limit": ("training.keep_checkpoints", int), "eval_steps": ("training.eval_every", int),
         "beta": ("preference.beta", float), "loss_type": ("preference.loss", one_of_values(("sigmoid", "hinge", "ipo"))),
-        "report_to": ("tracking.report_to", report_to), "run_name": ("tracking.run_name", str),
         "neftune_noise_alpha": ("training.neftune_alpha", float), "attn_implementation":
             ("training.attention", one_of_values(("sdpa", "eager", "flash_attention_2"))),
     },
