@@ -23,7 +23,7 @@ from typing import Any
 from . import __version__, lifeline
 from .backend import Backend, CompileContext, NativePlan, RunResult, choose_backend, plan_platform, planning, registry
 from .data import PreparedData, prepare
-from .errors import DataError, ExportError, LlfarmError, RunError
+from .errors import DataError, ExportError, LlfarmError, RunError, TrainingFailed
 from .models import check_model, resolve_model
 from .oom import EXIT_CODE
 from .platform import Platform, detect, resolve_precision
@@ -250,7 +250,6 @@ def execute(ctx: CompileContext, plan: NativePlan, *, verbose: bool = False, loc
     When the process ran out of memory during training, the run backs off (llfarm.oom: a smaller per-device batch,
     the same effective batch, from the newest complete checkpoint) and goes on: ``ctx`` and ``plan`` are updated in
     place to the attempt that ran last. TrainingFailed when no back-off is left."""
-    from .errors import TrainingFailed
     from .oom import backoff, clear
 
     def say(line: str) -> None:               # on stderr and in the log

@@ -4,9 +4,11 @@ one-line errors, JSON strategies, and runs that reuse the data and token caches 
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 
 import pytest
-from conftest import llfarm, manifest, run_dir_from, write
+from conftest import LLFARM, llfarm, manifest, run_dir_from, write
 
 from llfarm.resources import BUILTIN_DATA
 
@@ -161,10 +163,6 @@ def test_two_runs_at_once_on_the_same_new_data_tokenize_it_once(tmp_path, backen
     """Two runs started together on the same data and an empty cache: both train to the same loss, and the token
     cache is written once (LlamaFactory's tokenized_path is held by the run that writes it; the other waits, then
     loads it) — never half-read or removed under the writer."""
-    import os
-    import subprocess
-
-    from conftest import LLFARM
     cache = tmp_path / "cache"
     write(tmp_path / "d.jsonl", "".join(ALPACA.splitlines(keepends=True)[:24]))
     env = dict(os.environ, LLFARM_CACHE=str(cache))

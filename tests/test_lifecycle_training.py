@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import json
+import threading
 from pathlib import Path
 
 import pytest
@@ -138,7 +139,6 @@ def test_oom_backoff_continues_from_the_checkpoint(tmp_path, uninterrupted, back
                 pass
             stop.wait(0.02)
 
-    import threading
     stop = threading.Event()
     watcher = threading.Thread(target=watch, args=(stop,))
     watcher.start()
